@@ -1,0 +1,1 @@
+"""Stage 2: scLibrary, rank-value gene tokens per cell paired with texts describing its identity."""

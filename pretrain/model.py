@@ -113,10 +113,11 @@ class _Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids):
-        x = self.word_embeddings(input_ids)
-        x = x + self.position_embeddings.weight[: input_ids.shape[1]][None]
+        # Every table is used through its module call (not `.weight`), so ZeRO-3 gathers it.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
-            x = x + self.token_type_embeddings.weight[0]
+            x = x + self.token_type_embeddings(torch.zeros_like(positions))
         return self.dropout(self.LayerNorm(x))
 
 
@@ -361,7 +362,8 @@ class LangCellPretrainModel(LangCellModel):
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)
         # CLIP's parametrisation: a learnable log inverse temperature, clamped at 100 when used.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))
 
     def set_activation_checkpointing(self, on: bool) -> None:
         if on:
@@ -371,6 +373,7 @@ class LangCellPretrainModel(LangCellModel):
         if self.text_bert is not None:
             self.text_bert.gradient_checkpointing = on
 
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float):
+        from pretrain.losses import pretrain_losses
+        return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature)
 

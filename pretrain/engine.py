@@ -1,0 +1,389 @@
+"""DeepSpeed pre-training of the two LangCell stages, and export of a run.
+
+    RUN/run.json                 model config, pretrain config, library path (written once)
+    RUN/vocab/ RUN/tokenizer/    the gene vocabulary and text tokenizer the run trains with
+    RUN/text_bert_config.json    the text encoder's shape, so export needs no hub access
+    RUN/stage{1,2}/checkpoints/  DeepSpeed checkpoints (tags stepNNNNNNN, `latest`)
+    RUN/stage{1,2}/metrics.jsonl one line per logged step; RUN/stage{n}/tb/ TensorBoard
+    RUN/stage1/final_model.pt    consolidated fp32 weights that stage 2 starts from
+    RUN/stage{n}/done.json       written when the stage has run all its steps
+
+Determinism: the batch of (rank, micro-step) is fixed by the data stream (see data.py) and
+every random draw of a micro-step (masking, dropout, hard negatives) comes from the global
+RNG seeded with (seed, stage, step, micro-step, rank); a resumed run therefore repeats the
+losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from langcell.errors import LangCellError
+from langcell.files import atomic_path, atomic_write_json, output_lock, read_json
+from pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
+
+
+# ----------------------------------------------------------------------------- setup
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed():
+    """Start (or reuse) the process group; a launcher-less process becomes rank 0 of 1."""
+    import torch
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), on_gpu
+
+
+def load_deepspeed_config(name_or_path: str, on_gpu: bool) -> dict:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DEEPSPEED_CONFIG_DIR / name_or_path
+    cfg = read_json(path, "DeepSpeed config")
+    if not isinstance(cfg, dict):
+        raise LangCellError(f"{path}: must be a JSON object; see configs/deepspeed/zero2.json")
+    if cfg.get("fp16", {}).get("enabled") not in (None, False) and not on_gpu:
+        raise LangCellError(f"{path}: fp16 is not supported on CPU; set fp16.enabled to false "
+                            "(use bf16 or fp32)")
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise LangCellError(f"{path}: 'optimizer'/'scheduler' are set by configs/pretrain (lr, warmup); "
+                            "remove them from the DeepSpeed config")
+    bf16 = cfg.setdefault("bf16", {})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = on_gpu
+    elif bf16.get("enabled") and not on_gpu:
+        bf16["enabled"] = False  # CPU runs in fp32: DeepSpeed's CPU bf16 path is slower, not faster
+    cfg["_path"] = str(path)
+    return cfg
+
+
+def _check_library(data: str, vocab_size: int, rank: int, world: int):
+    """Shards and vocab checked before any training; each rank hashes a slice of the shards."""
+    import torch
+
+    from pretrain.data import library_shards, library_vocab_size, verify_shards
+    shards = library_shards(data, "train")
+    lib_vocab = library_vocab_size(data)
+    if lib_vocab != vocab_size:
+        raise LangCellError(f"{data}/vocab/token_dictionary.json: {lib_vocab} tokens but the model's cell "
+                            f"vocab_size is {vocab_size}; set cell.vocab_size in the model config to {lib_vocab}")
+    error = ""
+    try:
+        verify_shards(shards[rank::world], data)
+    except LangCellError as exc:
+        error = str(exc)
+    flag = torch.tensor([1 if error else 0])
+    torch.distributed.all_reduce(flag)
+    if flag.item():
+        raise LangCellError(error or f"{data}: a shard failed its checksum on another rank; see that rank's log")
+    return [p for p, _ in shards]
+
+
+def _lr_lambda(stage_cfg):
+    warm, total, floor = stage_cfg.warmup_steps, stage_cfg.max_steps, stage_cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _optimizer(model, stage_cfg):
+    import torch
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": stage_cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=stage_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage_cfg))
+
+
+# ----------------------------------------------------------------------------- weights
+def consolidated_state_dict(ckpt_dir: Path) -> dict:
+    """fp32 weights of the latest checkpoint in `ckpt_dir`, from any ZeRO stage."""
+    import torch
+    tag = (ckpt_dir / "latest").read_text().strip()
+    if any((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO-0 keeps the whole module in the model-states file
+        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _load_parts(model, state: dict, prefixes: tuple, source: str) -> None:
+    wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    result = model.load_state_dict(wanted, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith(prefixes)]
+    if missing or result.unexpected_keys:
+        raise LangCellError(f"{source}: weights do not fit the model (missing {missing[:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]}); was the run made with another model config?")
+
+
+CELL_PARTS = ("cell_bert.", "cell_proj.", "mlm_head.")
+
+
+# ----------------------------------------------------------------------------- training
+def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike, out: str | os.PathLike,
+             stage: int, deepspeed_config: str | None = None, overrides: dict | None = None) -> dict:
+    """Run (or resume) one stage. Returns a summary: final step, last losses, throughput.
+
+    Works launcher-less (one process) or under torchrun/deepspeed (one process per device).
+    """
+    import torch
+    if stage not in (1, 2):
+        raise LangCellError(f"--stage {stage}: must be 1 or 2")
+    cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config, overrides)
+    model_cfg = load_model_config(cfg.model)
+    stage_cfg = cfg.stage(stage)
+    rank, world, on_gpu = _init_distributed()
+    ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
+    from pretrain.model import LangCellPretrainModel, TextBert, load_text_tokenizer, resolve_text_model_path
+    text_path = resolve_text_model_path(model_cfg.text.name_or_path)
+    data, run = str(data), Path(out)
+    shards = _check_library(data, model_cfg.cell.vocab_size, rank, world)
+    sdir = run / f"stage{stage}"
+    ckpt_dir = sdir / "checkpoints"
+    if stage == 2 and not (run / "stage1" / "final_model.pt").is_file():
+        raise LangCellError(f"{run}/stage1/final_model.pt: stage 1 has not finished in this run; "
+                            "run --stage 1 first")
+
+    if rank == 0:
+        sdir.mkdir(parents=True, exist_ok=True)
+        run_info = {"model": asdict(model_cfg), "pretrain": asdict(cfg), "data": os.path.abspath(data)}
+        if not (run / "run.json").is_file():
+            atomic_write_json(run / "run.json", run_info)
+            shutil.copytree(Path(data) / "vocab", run / "vocab", dirs_exist_ok=True)
+            load_text_tokenizer(model_cfg.text).save_pretrained(str(run / "tokenizer"))
+    torch.distributed.barrier()
+    # Only rank 0 holds the folder lock; the other ranks are the same run.
+    lock = output_lock(sdir) if rank == 0 else _null()
+    with lock:
+        return _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world,
+                      on_gpu, text_path, LangCellPretrainModel, TextBert)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu,
+           text_path, LangCellPretrainModel, TextBert):
+    import deepspeed
+    import torch
+    from tqdm import tqdm
+
+    from pretrain.data import CellStream
+    from pretrain.losses import pretrain_losses
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = LangCellPretrainModel(model_cfg, with_text=stage == 2)
+    if stage == 1:
+        model.logit_scale.requires_grad_(False)  # unused until stage 2; ZeRO wants no grad-less params
+    else:
+        state = torch.load(run / "stage1" / "final_model.pt", map_location="cpu", weights_only=True)
+        _load_parts(model, state, CELL_PARTS, f"{run}/stage1/final_model.pt")
+    if rank == 0 and stage == 2 and not (run / "text_bert_config.json").is_file():
+        with atomic_path(run / "text_bert_config.json") as tmp:
+            tmp.write_text(model.text_bert.config.to_json_string())
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    optimizer, scheduler = _optimizer(model, stage_cfg)
+    ds = {k: v for k, v in ds_cfg.items() if not k.startswith("_")}
+    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum_steps,
+              train_batch_size=cfg.micro_batch_size * cfg.grad_accum_steps * world, gradient_clipping=cfg.grad_clip,
+              zero_allow_untested_optimizer=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+
+    step = 0
+    if (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = int(client["step"])
+    metrics_path = sdir / "metrics.jsonl"
+    if rank == 0:
+        _truncate_metrics(metrics_path, step)
+    if step >= stage_cfg.max_steps:
+        return read_json(sdir / "done.json", "stage summary") if (sdir / "done.json").is_file() else {"step": step}
+
+    loader = torch.utils.data.DataLoader(
+        CellStream(shards, rank=rank, world=world, seed=cfg.seed, batch_size=cfg.micro_batch_size,
+                   shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
+                   max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
+                   with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
+                   text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
+                   start_batch=step * cfg.grad_accum_steps),
+        batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
+    batches = iter(loader)
+    flops_per_token = _flops_per_token(model, stage)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(sdir / "tb"))
+    bar = tqdm(total=stage_cfg.max_steps, initial=step, desc=f"stage {stage}", unit="step", disable=rank != 0)
+    engine.train()
+    device = engine.device
+    summary = {}
+    window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0, "flops": 0.0}
+    while step < stage_cfg.max_steps:
+        t0 = time.perf_counter()
+        totals = {}
+        counts = torch.zeros(3)
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item()])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
+            loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
+                                 simcse_temperature=cfg.simcse_temperature)
+            engine.backward(loss)
+            engine.step()
+            parts["loss"] = float(loss.detach())
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum_steps
+        step += 1
+        # One all-reduce per step: losses averaged over ranks, counts summed.
+        keys = sorted(totals)
+        packed = torch.tensor([totals[k] / world for k in keys] + counts.tolist(), dtype=torch.float64)
+        torch.distributed.all_reduce(packed)
+        losses = dict(zip(keys, packed[: len(keys)].tolist()))
+        cells, tokens, padded = packed[len(keys):].tolist()
+        dt = time.perf_counter() - t0
+        window.update(cells=window["cells"] + cells, tokens=window["tokens"] + tokens,
+                      padded=window["padded"] + padded, time=window["time"] + dt)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", cells_s=f"{cells / dt:.1f}")
+        if step % cfg.log_every == 0 or step == stage_cfg.max_steps:
+            rec = {"step": step, "stage": stage, **losses, "lr": scheduler.get_last_lr()[0],
+                   "cells_per_s": window["cells"] / window["time"], "tokens_per_s": window["tokens"] / window["time"],
+                   "padding_share": 1 - window["tokens"] / window["padded"]}
+            if stage == 2:
+                rec["temperature"] = _temperature(engine)
+            rec["mfu"] = (flops_per_token * window["tokens"] / window["time"] / (cfg.peak_flops_per_device * world)
+                          if on_gpu and cfg.peak_flops_per_device > 0 else None)
+            summary = rec
+            window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0, "flops": 0.0}
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                for k, v in rec.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"stage{stage}/{k}", v, step)
+        if step % cfg.checkpoint_every == 0 or step == stage_cfg.max_steps:
+            _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    del batches, loader
+    if rank == 0:
+        if stage == 1:
+            state = consolidated_state_dict(ckpt_dir)
+            with atomic_path(run / "stage1" / "final_model.pt") as tmp:
+                torch.save(state, tmp)
+        atomic_write_json(sdir / "done.json", summary)
+    torch.distributed.barrier()
+    return summary
+
+
+def _seed(seed: int, stage: int, step: int, micro: int, rank: int) -> int:
+    return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 10_007 + micro * 1_009 + rank
+
+
+def _temperature(engine) -> float:
+    import deepspeed
+    import torch
+    p = engine.module.logit_scale
+    with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _null():
+        return float(1.0 / torch.exp(p.detach().float().clamp(max=4.6052)))
+
+
+def _flops_per_token(model, stage: int) -> float:
+    """Training FLOPs per cell token, 6·N per forward+backward over non-embedding parameters
+    (attention score FLOPs left out): two cell passes, and in stage 2 about one text pass per
+    cell plus three multimodal passes (positives and two hard negatives), counted against
+    cell tokens as an approximation."""
+    def non_embedding(module):
+        return sum(p.numel() for n, p in module.named_parameters() if "embeddings" not in n)
+    flops = 6 * 2 * non_embedding(model.cell_bert)
+    if stage == 2:
+        flops += 6 * 4 * non_embedding(model.text_bert) * 0.05  # texts are ~5% of a cell's token count
+    return float(flops)
+
+
+def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+    import torch
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state={"step": step})
+    torch.distributed.barrier()
+    if rank == 0:
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A run killed after logging but before its checkpoint repeats those steps on resume."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+
+
+# ----------------------------------------------------------------------------- export
+def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write RUN's latest weights (stage 2 if it has a checkpoint, else stage 1) in the LangCell layout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig
+
+    from pretrain.config import model_config_from_dict
+    from pretrain.export import save_langcell
+    from pretrain.model import LangCellPretrainModel, TextBert
+    run = Path(run)
+    info = read_json(run / "run.json", "run description")
+    model_cfg = model_config_from_dict(info["model"], f"{run}/run.json")
+    stage = 2 if (run / "stage2" / "checkpoints" / "latest").is_file() else 1
+    ckpt_dir = run / f"stage{stage}" / "checkpoints"
+    if not (ckpt_dir / "latest").is_file():
+        raise LangCellError(f"{run}: no checkpoint in stage1/ or stage2/; train first (langcell pretrain)")
+    state = consolidated_state_dict(ckpt_dir)
+    torch.manual_seed(0)
+    if stage == 2:
+        model = LangCellPretrainModel(model_cfg, with_text=False)
+        model.text_bert = TextBert(BertConfig.from_json_file(str(run / "text_bert_config.json")))
+        h = model.text_bert.config.hidden_size
+        model.text_proj = torch.nn.Linear(h, model_cfg.proj_dim)
+        model.ctm_head = torch.nn.Linear(h, 2)
+        _load_parts(model, state, ("",), f"{ckpt_dir}")
+    else:  # a cell-only run exports with the text encoder as initialised
+        model = LangCellPretrainModel(model_cfg, with_text=True)
+        _load_parts(model, state, CELL_PARTS, f"{ckpt_dir}")
+    model.text_tokenizer = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    return save_langcell(model.eval(), out, vocab_dir=run / "vocab",
+                         extra_config={"trained_stage": stage, "run": str(run.resolve())})

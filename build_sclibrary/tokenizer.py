@@ -1,0 +1,225 @@
+"""Geneformer's rank-value encoding, vectorised over a sparse chunk of cells.
+
+Per cell (Geneformer / LangCell): keep the vocabulary genes; divide raw counts by the cell's
+total over ALL genes and multiply by 10,000; divide each gene by its non-zero median over the
+corpus; drop zeros; order by that value, largest first; map to token ids; `<cls>` first and at
+most `max_length` tokens in all.
+
+Ties (equal scaled values) keep the order of the genes' columns in the input, i.e. exactly what
+`np.argsort(-values, kind="stable")` over Geneformer's per-cell vector gives. Geneformer itself
+calls the default (unstable) argsort, whose tie order is an implementation detail of numpy and
+the CPU; the stable order is the only one that is reproducible, and it equals Geneformer's output
+whenever the cell has no ties.
+
+Arithmetic follows numpy's promotion exactly as Geneformer writes it:
+`counts / n_counts * 10_000 / median` with the dtypes of the inputs (float32 counts with float32
+totals stay float32 until the float64 medians), so outputs match a dense reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from langcell.errors import LangCellError
+
+PAD, MASK, CLS = "<pad>", "<mask>", "<cls>"
+TARGET_SUM = 10_000
+
+
+def _special(token_dictionary: Mapping[str, int]) -> set[str]:
+    return {k for k in token_dictionary if k.startswith("<") and k.endswith(">")}
+
+
+class RankValueTokenizer:
+    """Rank-value tokens for cells given as a CSR matrix of raw counts.
+
+    `token_dictionary` maps Ensembl ids (and `<pad>`, `<mask>`, `<cls>`) to token ids and must
+    contain `<cls>`; `gene_medians` maps every gene of the dictionary to its non-zero median.
+    """
+
+    def __init__(self, token_dictionary: Mapping[str, int], gene_medians: Mapping[str, float],
+                 max_length: int = 2048, source: str = "vocab"):
+        if CLS not in token_dictionary:
+            raise LangCellError(f"{source}: token dictionary has no '{CLS}' token; "
+                                "append it (LangCell uses the next id after the genes)")
+        if max_length < 2:
+            raise LangCellError(f"{source}: max_length must be at least 2 (<cls> and one gene), got {max_length}")
+        genes = [g for g in token_dictionary if g not in _special(token_dictionary)]
+        missing = [g for g in genes if g not in gene_medians]
+        extra = [g for g in gene_medians if g not in token_dictionary]
+        if missing or extra:
+            example = (missing or extra)[0]
+            raise LangCellError(
+                f"{source}: vocab/medians mismatch ({len(missing)} genes of the token dictionary have no "
+                f"median, {len(extra)} medians have no token; e.g. {example}); use the token dictionary and "
+                "gene medians written together by one `langcell build`")
+        medians = np.array([gene_medians[g] for g in genes], dtype=np.float64)
+        if not np.all(np.isfinite(medians)) or np.any(medians <= 0):
+            bad = genes[int(np.flatnonzero(~(np.isfinite(medians) & (medians > 0)))[0])]
+            raise LangCellError(f"{source}: gene median of {bad} is not a positive number; rebuild the vocab")
+        self.token_dictionary = dict(token_dictionary)
+        self.gene_medians = dict(gene_medians)
+        self.max_length = int(max_length)
+        self.cls_id = int(token_dictionary[CLS])
+        self.pad_id = int(token_dictionary.get(PAD, 0))
+        self._gene_token = {g: int(token_dictionary[g]) for g in genes}
+        self._plan_cache: dict[int, tuple] = {}
+        # Padded elements per sort block (rows x longest row): ~40 bytes of temporaries each.
+        self._block_nnz = 1 << 18
+
+    @classmethod
+    def from_vocab_dir(cls, vocab_dir: str | os.PathLike, max_length: int = 2048) -> "RankValueTokenizer":
+        """Load `token_dictionary.json` and `gene_median_dictionary.json` from a `LIB/vocab` folder."""
+        from langcell.files import read_json
+
+        tokens = read_json(os.path.join(vocab_dir, "token_dictionary.json"), "token dictionary")
+        medians = read_json(os.path.join(vocab_dir, "gene_median_dictionary.json"), "gene medians")
+        return cls(tokens, medians, max_length=max_length, source=str(vocab_dir))
+
+    def gene_plan(self, gene_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Columns of `gene_ids` in the vocabulary (ascending), their tokens and medians.
+
+        A gene id listed twice keeps its first column only, as a dict lookup by id would.
+        """
+        key = id(gene_ids)
+        cached = self._plan_cache.get(key)
+        if cached is not None and cached[0] is gene_ids:
+            return cached[1]
+        cols, tokens, medians, seen = [], [], [], set()
+        for col, gene in enumerate(gene_ids):
+            token = self._gene_token.get(gene)
+            if token is None or gene in seen:
+                continue
+            seen.add(gene)
+            cols.append(col)
+            tokens.append(token)
+            medians.append(self.gene_medians[gene])
+        plan = (np.asarray(cols, dtype=np.int64), np.asarray(tokens, dtype=np.int32),
+                np.asarray(medians, dtype=np.float64))
+        # The build calls this once per chunk with the same gene list object; keep one entry.
+        self._plan_cache = {key: (gene_ids, plan)}
+        return plan
+
+    def tokenize_csr(self, X, gene_ids: Sequence[str], n_counts: np.ndarray | None = None) -> list[np.ndarray]:
+        """Token ids (int32, `<cls>` first) for each row of `X` (cells x genes, raw counts).
+
+        `n_counts` is each cell's total over all genes; by default the row sums of `X`.
+        A cell with no expressed vocabulary gene yields just `[<cls>]`.
+        """
+        flat, offsets = self.tokenize_csr_flat(X, gene_ids, n_counts)
+        return np.split(flat, offsets[1:-1])
+
+    def tokenize_csr_flat(self, X, gene_ids: Sequence[str],
+                          n_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like `tokenize_csr` but as one flat int32 array plus row offsets (n_cells + 1)."""
+        if not sp.issparse(X) or X.format != "csr":
+            X = sp.csr_matrix(X)
+        n_cells, n_genes = X.shape
+        if len(gene_ids) != n_genes:
+            raise LangCellError(f"tokenize_csr: X has {n_genes} genes but {len(gene_ids)} gene ids were given; "
+                                "pass one id per column")
+        if n_counts is None:
+            n_counts = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+        else:
+            n_counts = np.asarray(n_counts).ravel()
+            if n_counts.shape[0] != n_cells:
+                raise LangCellError(f"tokenize_csr: n_counts has {n_counts.shape[0]} values for {n_cells} cells; "
+                                    "pass one total per cell")
+        if np.any((n_counts <= 0) & (np.diff(X.indptr) > 0)):
+            raise LangCellError("tokenize_csr: a cell with counts has a total (n_counts) <= 0; "
+                                "pass each cell's total counts over all genes")
+        cols, tokens, medians = self.gene_plan(gene_ids)
+        sub = X[:, cols] if len(cols) != n_genes else X
+        sub = sp.csr_matrix(sub)
+        if not sub.has_sorted_indices:
+            sub = sub.sorted_indices()
+        limit = self.max_length - 1
+        flats, lengths = [], []
+        # Row blocks of a few hundred thousand non-zeros keep every temporary cache-sized and
+        # reused by the allocator; whole-chunk temporaries cost more in page faults than in math.
+        for r0, r1 in _row_blocks(sub.indptr, self._block_nnz):
+            flat, length = self._tokenize_block(sub, r0, r1, n_counts[r0:r1], tokens, medians, limit)
+            flats.append(flat)
+            lengths.append(length)
+        flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32)
+        offsets = np.zeros(n_cells + 1, dtype=np.int64)
+        if lengths:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return flat, offsets
+
+    def _tokenize_block(self, sub, r0, r1, n_counts, tokens, medians, limit):
+        n_rows = r1 - r0
+        lo, hi = int(sub.indptr[r0]), int(sub.indptr[r1])
+        data = sub.data[lo:hi]
+        indices = sub.indices[lo:hi]
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(sub.indptr[r0:r1 + 1]))
+        # Same expression and operand order as Geneformer, so rounding (and ties) agree.
+        values = data / n_counts[rows] * TARGET_SUM / medians[indices]
+        keep = values != 0
+        if not keep.all():
+            values, indices, rows = values[keep], indices[keep], rows[keep]
+        counts = np.bincount(rows, minlength=n_rows)
+        starts = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        take = np.minimum(counts, limit)
+        width = int(counts.max()) if n_rows else 0
+        entries = _rank_block(values, starts, take, width)
+        length = take + 1
+        flat = np.empty(int(length.sum()), dtype=np.int32)
+        cls_at = np.zeros(n_rows, dtype=np.int64)
+        np.cumsum(length[:-1], out=cls_at[1:])
+        is_gene = np.ones(flat.size, dtype=bool)
+        is_gene[cls_at] = False
+        flat[cls_at] = self.cls_id
+        flat[is_gene] = tokens[indices[entries]]
+        return flat, length
+
+
+def _row_blocks(indptr: np.ndarray, block_nnz: int):
+    """Consecutive row ranges whose padded size (rows x longest row) stays near `block_nnz`."""
+    n_rows = indptr.size - 1
+    lengths = np.diff(indptr)
+    r0 = 0
+    while r0 < n_rows:
+        # Estimate from the mean row length of the next rows, then shrink to fit the widest row.
+        probe = lengths[r0:r0 + 64]
+        rows = max(1, int(block_nnz // max(1, int(probe.max()))))
+        r1 = min(n_rows, r0 + rows)
+        width = int(lengths[r0:r1].max())
+        while r1 - r0 > 1 and (r1 - r0) * width > block_nnz:
+            r1 = r0 + max(1, (r1 - r0) // 2)
+            width = int(lengths[r0:r1].max())
+        yield r0, r1
+        r0 = r1
+
+
+def _rank_block(values: np.ndarray, starts: np.ndarray, take: np.ndarray, width: int) -> np.ndarray:
+    n_rows = starts.size - 1
+    base = int(starts[0])
+    lengths = np.diff(starts)
+    if width == 0:
+        return np.zeros(0, dtype=np.int64)
+    local_rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+    local_pos = np.arange(int(starts[-1]) - base, dtype=np.int64) - (starts[:-1] - base)[local_rows]
+    neg = np.full((n_rows, width), np.inf)
+    neg[local_rows, local_pos] = -values[base:int(starts[-1])]
+    order = np.argsort(neg, axis=1)
+    ranked = np.take_along_axis(neg, order, axis=1)
+    ties = ranked[:, 1:] == ranked[:, :-1]
+    ties &= np.isfinite(ranked[:, 1:])
+    if ties.any():
+        # Group ids increase along each row and from row to row; sorting (group, position)
+        # puts tied entries in ascending position (= ascending gene column) order.
+        new_group = np.ones((n_rows, width), dtype=np.int64)
+        new_group[:, 1:] = ~ties
+        group = np.cumsum(new_group.ravel())
+        bits = max(1, int(width - 1).bit_length())
+        key = (group.astype(np.uint64) << np.uint64(bits)) | order.ravel().astype(np.uint64)
+        key.sort()
+        order = (key & np.uint64((1 << bits) - 1)).astype(np.int64).reshape(n_rows, width)
+    keep = np.arange(width)[None, :] < take[:, None]
+    return (starts[:-1, None] + order)[keep]

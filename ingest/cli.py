@@ -14,7 +14,81 @@ def add_commands(subparsers) -> None:
 
 # --- demo-census, synth-census, ontologies -------------------------------------------------
 def _add_store_commands(commands) -> None:
-    del commands
+    demo = commands.add_parser(
+        "demo-census", help="build a small real Census-schema SOMA store from data shipped in PyPI packages",
+        description="Write a local SOMA store laid out like the CELLxGENE Census (census_data/homo_sapiens, "
+                    "measurement RNA, X layer raw) from scanpy's pbmc68k_reduced (700 labelled PBMCs) and "
+                    "celltypist's sample (559 unlabelled cells). No network. Read it with "
+                    "`langcell ingest census --uri DIR`.")
+    demo.add_argument("--out", required=True, metavar="DIR", help="store folder (replaced if it is a store)")
+    demo.set_defaults(handler=_run_demo_census)
+
+    synth = commands.add_parser(
+        "synth-census", help="build a synthetic Census-schema SOMA store of any size for scale tests",
+        description="Stream N synthetic cells (real CL/UBERON/MONDO terms and Ensembl ids, cell-type programs "
+                    "that follow the CL hierarchy, dataset batch effects, negative binomial counts) into a "
+                    "Census-schema SOMA store. Same --seed, same store.")
+    synth.add_argument("--cells", required=True, type=int, metavar="N", help="number of cells")
+    synth.add_argument("--out", required=True, metavar="DIR", help="store folder (replaced if it is a store)")
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default %(default)s)")
+    synth.add_argument("--config", default=None, metavar="YAML",
+                       help="generator settings (default configs/ingest/synth_census.yaml)")
+    synth.add_argument("--genes", type=int, default=None, metavar="G", help="override n_genes of the config")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=_run_synth_census)
+
+    onto = commands.add_parser(
+        "ontologies", help="resolve the ontology terms of ingested cells (and their ancestors)",
+        description="Read every *_ontology_term_id of INGEST/cells/*.parquet and write INGEST/ontology/terms.parquet "
+                    "(label, definition, synonyms, parents, ancestors of each term and all its ancestors) and "
+                    "INGEST/ontology/unresolved.json (ids no ontology holds, with cell counts).")
+    onto.add_argument("--ingest", required=True, metavar="INGEST", help="the --out folder of `langcell ingest census`")
+    onto.add_argument("--source", choices=("guide", "obo"), default="guide",
+                      help="guide: the ontologies shipped by cellxgene-ontology-guide (offline, the Census's "
+                           "versions); obo: OBO/OWL files or URLs parsed with pronto (default %(default)s)")
+    onto.add_argument("--obo", nargs="+", default=None, metavar="FILE_OR_URL",
+                      help="with --source obo: ontology files or URLs (default: the OBO Foundry PURLs of CL, "
+                           "UBERON, MONDO, PATO, HsapDv, MmusDv, HANCESTRO and EFO; needs the network)")
+    onto.set_defaults(handler=_run_ontologies)
+
+
+def _run_demo_census(args) -> int:
+    from ingest.demo_census import build_demo_census
+
+    summary = build_demo_census(args.out)
+    for s in summary.sources:
+        print(f"{s.name}: {s.n_cells} cells; {s.n_mapped}/{s.n_symbols} gene symbols mapped to Ensembl "
+              f"({s.n_unmapped} unmapped dropped, {s.n_merged} merged into a shared id)")
+    print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes; open with "
+          f"cellxgene_census.open_soma(uri={str(args.out)!r})")
+    return 0
+
+
+def _run_synth_census(args) -> int:
+    from ingest.synth_census import build_synth_census, load_synth_config
+
+    config = load_synth_config(args.config, n_genes=args.genes)
+    summary = build_synth_census(args.out, args.cells, seed=args.seed, config=config, progress=not args.no_progress)
+    print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes, {summary.n_datasets} datasets, "
+          f"{summary.n_donors} donors, {summary.nnz / summary.n_cells:.0f} genes detected per cell on average; "
+          f"{summary.seconds:.1f} s ({summary.cells_per_s:,.0f} cells/s)")
+    return 0
+
+
+def _run_ontologies(args) -> int:
+    import logging
+
+    from ingest.ontology import ingest_ontologies
+
+    if args.obo and args.source != "obo":
+        from langcell.errors import LangCellError
+
+        raise LangCellError("--obo: only used with --source obo; add --source obo or drop --obo")
+    logging.basicConfig(level=logging.WARNING, format="langcell ingest ontologies: warning: %(message)s")
+    result = ingest_ontologies(args.ingest, source=args.source, obo=args.obo)
+    print(f"{result.terms_path}: {result.n_terms} terms ({result.n_cell_terms} used by cells, the rest their "
+          f"ancestors); {len(result.unresolved)} unresolved ids listed in {result.unresolved_path}")
+    return 0
 
 
 # --- census, merge ---------------------------------------------------------------------------

@@ -563,20 +563,39 @@ def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Call
                             "the store changed since the plan was made, ingest into a new --out")
     schema = _cells_schema(experiment.obs.schema, task.obs_columns)
     X = experiment.ms["RNA"].X["raw"]
+    chunks = [joinids[start:start + task.chunk_cells] for start in range(0, joinids.size, task.chunk_cells)]
     final = Path(task.out) / part["name"]
     rows = empty = 0
-    with atomic_path(final) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True) as writer:
-            for start in range(0, joinids.size, task.chunk_cells):
-                chunk = joinids[start:start + task.chunk_cells]
-                table = _read_chunk(experiment, X, chunk, task, schema)
-                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+    # Three stages overlap: TileDB reads chunk k+1 and parquet encodes chunk k-1 (both release the
+    # GIL) while numpy builds chunk k. Writes stay in chunk order, so the file is deterministic,
+    # and at most three chunks are in memory.
+    # The thread pool is left (waiting for its threads) before the writer is closed, also on errors.
+    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with concurrent.futures.ThreadPoolExecutor(2) as threads:
+            reading = threads.submit(_fetch_chunk, experiment, X, chunks[0], task.obs_columns)
+            writing = None
+            for number, chunk in enumerate(chunks):
+                fetched = reading.result()
+                if number + 1 < len(chunks):
+                    reading = threads.submit(_fetch_chunk, experiment, X, chunks[number + 1], task.obs_columns)
+                table = _build_chunk(source, chunk, *fetched, task.keep_map, schema, task.obs_columns)
+                del fetched
+                if writing is not None:
+                    writing.result()
+                    _chunk_written(advance, previous)
+                writing = threads.submit(writer.write_table, table, row_group_size=max(table.num_rows, 1))
+                previous = chunk.size
                 rows += table.num_rows
                 empty += chunk.size - table.num_rows
-                _crash_point("chunk_written")
-                advance(int(chunk.size))
+            writing.result()
+            _chunk_written(advance, previous)
     _crash_point("part_renamed")
     return {"name": part["name"], "rows": rows, "empty_cells": empty, "sha256": sha256_file(final)}
+
+
+def _chunk_written(advance: Callable[[int], None], cells: int) -> None:
+    _crash_point("chunk_written")
+    advance(int(cells))
 
 
 def _cells_schema(obs_schema: pa.Schema, obs_columns: list[str]) -> pa.Schema:
@@ -588,12 +607,18 @@ def _cells_schema(obs_schema: pa.Schema, obs_columns: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _read_chunk(experiment, X, joinids: np.ndarray, task: _PartTask, schema: pa.Schema) -> pa.Table:
+def _fetch_chunk(experiment, X, joinids: np.ndarray, obs_columns: list[str]):
+    """The I/O of one chunk: its obs rows and the COO entries of its X rows, as TileDB returns them."""
+    obs = experiment.obs.read(coords=(joinids,), column_names=["soma_joinid", *obs_columns]).concat()
+    coo = pa.concat_tables(list(X.read(coords=(joinids, slice(None))).tables()))
+    return obs, coo
+
+
+def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Table, keep_map: np.ndarray,
+                 schema: pa.Schema, obs_columns: list[str]) -> pa.Table:
     """Obs rows and sparse count rows of `joinids` (ascending) as a table in `schema`, empty cells dropped."""
     import scipy.sparse as sp
 
-    source = task.source
-    obs = experiment.obs.read(coords=(joinids,), column_names=["soma_joinid", *task.obs_columns]).concat()
     obs = obs.take(pa.array(np.argsort(obs["soma_joinid"].to_numpy(), kind="stable")))
     obs_joinids = obs["soma_joinid"].to_numpy()
     if obs_joinids.size != joinids.size or not np.array_equal(obs_joinids, joinids):
@@ -602,29 +627,34 @@ def _read_chunk(experiment, X, joinids: np.ndarray, task: _PartTask, schema: pa.
             f"{obs_joinids.size} obs rows for {joinids.size} soma_joinids"
         raise LangCellError(f"{source.describe()}: obs {what}; the store is corrupt, rebuild it")
 
-    coo = pa.concat_tables(list(X.read(coords=(joinids, slice(None))).tables()))
     cells = coo["soma_dim_0"].to_numpy()
     genes = coo["soma_dim_1"].to_numpy()
     data = coo["soma_data"].to_numpy()
     del coo
-    local = np.searchsorted(joinids, cells)
     _check_counts(source, data, cells)
-    n_counts = np.bincount(local, weights=data, minlength=joinids.size)
-    if genes.size and genes.max() >= task.keep_map.size:
+    if genes.size and genes.max() >= keep_map.size:
         raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(genes.max())} beyond var; "
                             "the store is corrupt, rebuild it")
-    gene_index = task.keep_map[genes]
-    keep = (gene_index >= 0) & (data > 0)
-    n_kept_genes = int(task.keep_map.max()) + 1
-    matrix = sp.csr_matrix((data[keep], (local[keep], gene_index[keep])), shape=(joinids.size, n_kept_genes))
-    if matrix.nnz != int(keep.sum()):
-        # coo -> csr summed repeated (cell, gene) entries; find one to name it.
-        order = np.lexsort((gene_index[keep], local[keep]))
-        pairs = np.stack([local[keep][order], gene_index[keep][order]], axis=1)
-        at = int(np.flatnonzero(np.all(pairs[1:] == pairs[:-1], axis=1))[0])
-        raise LangCellError(f"{source.describe()}: X raw holds cell soma_joinid {int(joinids[pairs[at, 0]])} x "
-                            f"gene_index {int(pairs[at, 1])} more than once; the store is corrupt, rebuild it")
-    row_nnz = np.diff(matrix.indptr)
+    zero = data == 0
+    if zero.any():  # explicit zeros are no counts; the contract's counts are all > 0
+        cells, genes, data = cells[~zero], genes[~zero], data[~zero]
+    # coo -> csr is a counting sort by row (O(nnz)); TileDB returns tiles, not rows, in order.
+    matrix = sp.csr_matrix((data, (_local_rows(joinids, cells), genes.astype(np.int32))),
+                           shape=(joinids.size, keep_map.size))
+    if matrix.nnz != data.size:
+        _raise_duplicate(source, joinids, cells, genes)
+    del cells, genes, data
+    indptr, indices, values = matrix.indptr, matrix.indices, matrix.data
+    n_counts = _row_sums(indptr, values)
+    gene_index = keep_map[indices]
+    kept = gene_index >= 0
+    if kept.all():
+        indices = gene_index
+    else:
+        # keep_map grows with the var joinid, so each row's kept genes stay ascending.
+        indptr = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[indptr]
+        indices, values = gene_index[kept], values[kept]
+    row_nnz = np.diff(indptr)
     nonempty = row_nnz > 0
     offsets = np.zeros(int(nonempty.sum()) + 1, dtype=np.int64)
     np.cumsum(row_nnz[nonempty], out=offsets[1:])
@@ -632,26 +662,56 @@ def _read_chunk(experiment, X, joinids: np.ndarray, task: _PartTask, schema: pa.
         raise LangCellError(f"{source.describe()}: a chunk holds {offsets[-1]} counts, more than a parquet list "
                             "column takes; lower --chunk-cells")
     offsets = pa.array(offsets.astype(np.int32))
-    obs = obs.filter(pa.array(nonempty)) if not nonempty.all() else obs
+    if not nonempty.all():
+        obs = obs.filter(pa.array(nonempty))
     columns = [obs["soma_joinid"].cast(pa.int64())]
-    columns += [_plain(obs[name]).cast(schema.field(name).type) for name in task.obs_columns]
+    columns += [_plain(obs[name]).cast(schema.field(name).type) for name in obs_columns]
     columns += [pa.array(n_counts[nonempty], pa.float64()),
-                pa.ListArray.from_arrays(offsets, pa.array(matrix.indices.astype(np.int32, copy=False))),
-                pa.ListArray.from_arrays(offsets, pa.array(matrix.data.astype(np.float32, copy=False)))]
+                pa.ListArray.from_arrays(offsets, pa.array(indices.astype(np.int32, copy=False))),
+                pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32, copy=False)))]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _local_rows(joinids: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Row of each entry's cell within the chunk (`joinids` ascending); TileDB's C++ hash indexer
+    is several times faster than a numpy binary search or lookup table here."""
+    import tiledbsoma
+
+    return tiledbsoma.IntIndexer(joinids).get_indexer(cells).astype(np.int32)
+
+
+def _row_sums(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    sums = np.zeros(indptr.size - 1, dtype=np.float64)
+    if values.size:
+        starts = np.minimum(indptr[:-1], values.size - 1)
+        sums = np.add.reduceat(values, starts, dtype=np.float64)
+        sums[indptr[1:] == indptr[:-1]] = 0.0
+    return sums
+
+
+def _raise_duplicate(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray):
+    order = np.lexsort((genes, cells))
+    cells, genes = cells[order], genes[order]
+    at = int(np.flatnonzero((cells[1:] == cells[:-1]) & (genes[1:] == genes[:-1]))[0])
+    raise LangCellError(f"{source.describe()}: X raw holds cell soma_joinid {int(cells[at])} x gene soma_joinid "
+                        f"{int(genes[at])} more than once; the store is corrupt, rebuild it")
+
+
 def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> None:
-    bad = ~np.isfinite(data)
-    problem = "NaN or infinite"
-    if not bad.any():
-        bad, problem = data < 0, "negative"
-    if not bad.any():
-        bad, problem = data != np.floor(data), "non-integer"
-    if bad.any():
-        at = int(np.flatnonzero(bad)[0])
-        raise LangCellError(f"{source.describe()}: X raw holds {problem} count {data[at]!r} for cell soma_joinid "
-                            f"{int(cells[at])}; X raw must hold raw integer counts, point --uri at the raw layer")
+    if not data.size:
+        return
+    # Fast path, two passes: x - floor(x) is 0 for every integer, NaN for NaN and +-inf, > 0 otherwise.
+    fraction = np.floor(data)
+    np.subtract(data, fraction, out=fraction)
+    if not fraction.any() and data.min() >= 0:
+        return
+    for bad, problem in ((~np.isfinite(data), "NaN or infinite"), (data < 0, "negative"),
+                         (data != np.floor(data), "non-integer")):
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise LangCellError(f"{source.describe()}: X raw holds {problem} count {data[at]!r} for cell "
+                                f"soma_joinid {int(cells[at])}; X raw must hold raw integer counts, point --uri at "
+                                "the raw layer")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -281,11 +281,36 @@ def test_bad_counts(tmp_path, value, problem):
     assert not (tmp_path / "out/cells/part-00000.parquet").exists()
 
 
-def test_duplicate_joinids_are_refused():
-    from ingest.census import _first_duplicate
+def _chunk_inputs(obs_joinids, entries):
+    import pyarrow as pa
 
-    assert _first_duplicate(np.array([5, 1, 9, 5, 7])) == 5
-    assert _first_duplicate(np.array([1, 2, 3])) is None
+    from ingest.census import Source, _cells_schema
+
+    obs = pa.table({"soma_joinid": pa.array(obs_joinids, pa.int64())})
+    cells, genes, counts = zip(*entries)
+    coo = pa.table({"soma_dim_0": pa.array(cells, pa.int64()), "soma_dim_1": pa.array(genes, pa.int64()),
+                    "soma_data": pa.array(counts, pa.float32())})
+    return Source(None, "/store"), obs, coo, np.arange(3, dtype=np.int32), _cells_schema(obs.schema, [])
+
+
+def test_chunk_builder_sorts_rows_and_drops_empty_cells():
+    from ingest.census import _build_chunk
+
+    source, obs, coo, keep, schema = _chunk_inputs([9, 4, 7], [(9, 2, 5.0), (4, 1, 1.0), (9, 0, 2.0), (4, 0, 0.0)])
+    table = _build_chunk(source, np.array([4, 7, 9]), obs, coo, keep, schema, []).to_pydict()
+    assert table == {"soma_joinid": [4, 9], "n_counts": [1.0, 7.0], "gene_index": [[1], [0, 2]],
+                     "counts": [[1.0], [2.0, 5.0]]}
+
+
+def test_duplicate_joinids_and_entries_are_refused():
+    from ingest.census import _build_chunk
+
+    source, obs, coo, keep, schema = _chunk_inputs([4, 7, 7], [(4, 0, 1.0)])
+    with pytest.raises(LangCellError, match="/store: obs soma_joinid 7 appears more than once; the store is corrupt"):
+        _build_chunk(source, np.array([4, 7]), obs, coo, keep, schema, [])
+    source, obs, coo, keep, schema = _chunk_inputs([4, 7], [(4, 0, 1.0), (7, 2, 2.0), (7, 2, 3.0)])
+    with pytest.raises(LangCellError, match="cell soma_joinid 7 x gene soma_joinid 2 more than once"):
+        _build_chunk(source, np.array([4, 7]), obs, coo, keep, schema, [])
 
 
 def test_bad_arguments(store, tmp_path):

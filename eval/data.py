@@ -1,0 +1,209 @@
+"""Evaluation data: token sequences, labels and an expression matrix for the baselines.
+
+DATA is either a build split (`LIB/hf/test`, a `datasets` folder) or an `.h5ad` of raw counts,
+tokenized here with build's `RankValueTokenizer` and the model's own vocabulary.
+
+The baselines (logistic regression, kNN, PCA) need an expression matrix:
+- from an `.h5ad`: log1p of counts scaled to 10,000 per cell over all genes (scanpy's usual
+  normalisation), the input those baselines are normally given;
+- from an HF dataset, which keeps only the ranked tokens: a rank pseudo-expression in vocabulary
+  space, gene at rank r of a cell with L genes -> (L - r) / L. The baselines then see exactly the
+  information the cell encoder sees (which genes, in which order), but not the magnitudes, so
+  pass the `.h5ad` when it exists for the usual baseline numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from langcell.errors import LangCellError
+
+GENE_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "gene_ensembl_id")
+SYMBOL_MAP = Path(__file__).resolve().parent.parent / "build_sclibrary" / "reference" / "geneformer_v1" / \
+    "gene_symbol_to_ensembl.json"
+
+
+@dataclass
+class EvalData:
+    input_ids: list            # one int array per cell, <cls> first
+    obs: "object"              # pandas DataFrame, one row per cell
+    expression: "object"       # scipy.sparse.csr_matrix [cells, genes] (see module doc)
+    expression_kind: str       # "log1p_cp10k" or "rank_pseudo"
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, idx) -> "EvalData":
+        idx = np.asarray(idx)
+        return EvalData([self.input_ids[i] for i in idx], self.obs.iloc[idx].reset_index(drop=True),
+                        self.expression[idx], self.expression_kind, self.source)
+
+
+def resolve_gene_ids(var, token_dictionary: dict, source: str, min_share: float) -> tuple[list[str], float, str]:
+    """Pick the gene identifiers of `var` that best match the vocabulary.
+
+    Tries var_names and the usual Ensembl-id columns, then symbols mapped through Geneformer's
+    symbol table. Returns (ids, share of var genes in the vocabulary, which column was used) and
+    refuses below `min_share`, where rank-value tokens would describe a different cell.
+    """
+    candidates = {"var_names": [str(v) for v in var.index]}
+    for col in GENE_ID_COLUMNS:
+        if col in var.columns:
+            candidates[f"var['{col}']"] = [str(v) for v in var[col]]
+    if SYMBOL_MAP.is_file():
+        symbols = json.loads(SYMBOL_MAP.read_text())
+        for name in ("var_names", *(c for c in ("feature_name", "gene_symbols", "gene_name") if c in var.columns)):
+            values = candidates["var_names"] if name == "var_names" else [str(v) for v in var[name]]
+            candidates[f"{name} as symbols"] = [symbols.get(v, v) for v in values]
+    # Versioned Ensembl ids (ENSG... .12) match the vocabulary once the version is dropped.
+    candidates = {k: [v.split(".")[0] if v.startswith("ENS") else v for v in ids] for k, ids in candidates.items()}
+    shares = {k: float(np.mean([g in token_dictionary for g in ids])) if ids else 0.0 for k, ids in candidates.items()}
+    best = max(shares, key=shares.get)
+    if shares[best] < min_share:
+        raise LangCellError(f"{source}: only {shares[best]:.1%} of the genes ({best}) are in the model's "
+                            f"vocabulary (need {min_share:.0%}); give Ensembl ids in var_names or "
+                            f"var['feature_id'], or lower min_gene_overlap")
+    return candidates[best], shares[best], best
+
+
+def check_counts(x_sample, source: str, layer: str) -> None:
+    """Refuse non-integer or negative values: rank-value tokens need raw counts."""
+    import scipy.sparse as sp
+
+    values = x_sample.data if sp.issparse(x_sample) else np.asarray(x_sample).ravel()
+    if values.size == 0:
+        return
+    if (values < 0).any() or not np.allclose(values, np.round(values)):
+        raise LangCellError(f"{source}: {layer} holds non-integer or negative values (looks log-normalised "
+                            "or scaled); put raw counts in X or layers['counts']")
+
+
+def counts_layer(adata) -> tuple[object, str]:
+    if "counts" in adata.layers:
+        return adata.layers["counts"], "layers['counts']"
+    return adata.X, "X"
+
+
+def log_normalise(counts, n_counts=None):
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    totals = np.asarray(counts.sum(axis=1)).ravel() if n_counts is None else np.asarray(n_counts, float)
+    scale = np.where(totals > 0, 1e4 / np.maximum(totals, 1e-12), 0.0)
+    out = sp.diags(scale.astype(np.float32)) @ counts
+    out.data = np.log1p(out.data)
+    return sp.csr_matrix(out)
+
+
+def rank_pseudo_expression(input_ids, vocab_size: int, special_ids=(0, 1)):
+    """[cells, vocab] CSR: the gene at rank r of a cell with L genes gets (L - r) / L."""
+    import scipy.sparse as sp
+
+    rows, cols, vals = [], [], []
+    special = set(special_ids)
+    for i, seq in enumerate(input_ids):
+        genes = [int(t) for t in seq[1:] if int(t) not in special]  # seq[0] is <cls>
+        n = len(genes)
+        rows.extend([i] * n)
+        cols.extend(genes)
+        vals.extend((n - np.arange(n)) / max(n, 1))
+    return sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(len(input_ids), vocab_size))
+
+
+def make_tokenizer(vocab, max_length: int = 2048):
+    from build_sclibrary.tokenizer import RankValueTokenizer
+
+    return RankValueTokenizer(vocab.token_dictionary, vocab.gene_medians, max_length=max_length)
+
+
+def tokenize_counts(tokenizer, counts, gene_ids, n_counts=None) -> list:
+    import scipy.sparse as sp
+
+    return tokenizer.tokenize_csr(sp.csr_matrix(counts), gene_ids, n_counts)
+
+
+def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> EvalData:
+    import anndata
+
+    adata = anndata.read_h5ad(path)
+    counts, layer = counts_layer(adata)
+    check_counts(counts[: min(adata.n_obs, 1000)], str(path), layer)
+    gene_ids, _, _ = resolve_gene_ids(adata.var, vocab.token_dictionary, str(path), min_gene_overlap)
+    n_counts = adata.obs["n_counts"].to_numpy() if "n_counts" in adata.obs else None
+    ids = tokenize_counts(make_tokenizer(vocab, max_length), counts, gene_ids, n_counts)
+    return EvalData(list(ids), adata.obs.reset_index(drop=True).copy(), log_normalise(counts),
+                    "log1p_cp10k", str(path))
+
+
+def load_hf(path: Path, vocab) -> EvalData:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise LangCellError(f"{path}: holds several splits {splits}; pass one split folder, e.g. {path}/test")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise LangCellError(f"{path}: not a `datasets` folder; pass LIB/hf/<split> or an .h5ad") from None
+    if "input_ids" not in ds.column_names:
+        raise LangCellError(f"{path}: no 'input_ids' column; pass a tokenized split from `langcell build`")
+    obs = ds.remove_columns(["input_ids"]).to_pandas()
+    ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
+    expr = rank_pseudo_expression(ids, max(vocab.token_dictionary.values()) + 1)
+    return EvalData(ids, obs, expr, "rank_pseudo", str(path))
+
+
+def load_eval_data(path, vocab, label_key: str | None = "cell_type", batch_key: str | None = None,
+                   min_gene_overlap: float = 0.25, max_cells: int | None = None, seed: int = 0,
+                   max_length: int = 2048) -> EvalData:
+    """Load DATA (HF split folder or .h5ad), check the label/batch columns, optionally subsample."""
+    path = Path(path)
+    if not path.exists():
+        raise LangCellError(f"{path}: data not found; pass LIB/hf/<split> or an .h5ad file")
+    data = load_h5ad(path, vocab, min_gene_overlap, max_length) if path.suffix == ".h5ad" else load_hf(path, vocab)
+    for key, what in ((label_key, "--label-key"), (batch_key, "--batch-key")):
+        if key is not None and key not in data.obs.columns:
+            raise LangCellError(f"{path}: column '{key}' missing; pass {what} with one of "
+                                f"{', '.join(map(str, data.obs.columns[:20]))}")
+    if label_key is not None:
+        data.obs[label_key] = data.obs[label_key].astype(str)
+    if max_cells is not None and len(data) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(len(data), max_cells, replace=False))
+        data = data.subset(keep)
+    if len(data) == 0:
+        raise LangCellError(f"{path}: no cells; pass a non-empty dataset")
+    return data
+
+
+def stratified_split(labels, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test indices with every class on both sides where it has >= 2 cells."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for lab in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == lab))
+        n_test = int(round(len(idx) * test_size)) if len(idx) > 1 else 0
+        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        test.extend(idx[:n_test])
+        train.extend(idx[n_test:])
+    return np.sort(np.asarray(train, int)), np.sort(np.asarray(test, int))
+
+
+def few_shot_split(labels, n_shot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n cells per class for training, the rest for testing; classes with <= n cells are dropped
+    from both, since they would leave nothing to test."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for lab in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == lab))
+        if len(idx) <= n_shot:
+            continue
+        train.extend(idx[:n_shot])
+        test.extend(idx[n_shot:])
+    return np.sort(np.asarray(train, int)), np.sort(np.asarray(test, int))

@@ -1,0 +1,120 @@
+"""Fine-tuning loops used by eval: LangCell's few-shot loss and the LangCell-CE classifier.
+
+Few-shot (LangCell-annotation-fewshot): for a batch of labelled cells and the C class
+descriptions, cross-entropy over similarities / 0.05 plus cross-entropy over the C matching
+probabilities, both encoders trained. LangCell runs the matching head once per class; here
+all B x C pairs go through in one pass, which computes the same loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval.scoring import TEMPERATURE, pad_cells, tokenize_texts
+
+
+def fewshot_loss(model, input_ids, attention_mask, labels, text_ids, text_mask,
+                 match_on_margin: bool = False) -> torch.Tensor:
+    """LangCell's loss; `match_on_margin` feeds the matching logit margin (logit1 - logit0) to the
+    cross-entropy instead of the probability, a much stronger signal for a head trained from
+    scratch (used for the synthetic tiny model, never for the few-shot benchmark)."""
+    embeds, hidden = model.encode_cells(input_ids, attention_mask)
+    text_embeds = model.encode_texts(text_ids, text_mask)
+    sim = embeds @ text_embeds.T / TEMPERATURE
+    batch, n_classes = sim.shape
+    cells = torch.arange(batch, device=sim.device).repeat_interleave(n_classes)
+    classes = torch.arange(n_classes, device=sim.device).repeat(batch)
+    logits = model.match_logits(hidden[cells], attention_mask[cells], text_ids[classes], text_mask[classes])
+    if match_on_margin:
+        match = (logits[:, 1] - logits[:, 0]).view(batch, n_classes)
+    else:
+        match = F.softmax(logits, dim=-1)[:, 1].view(batch, n_classes)
+    return F.cross_entropy(sim, labels) + F.cross_entropy(match, labels)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator):
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epochs: int, lr: float,
+                  batch_size: int, seed: int, pad_id: int = 0, desc: str = "few-shot",
+                  match_on_margin: bool = False) -> list[float]:
+    """Fine-tune `model` in place with LangCell's few-shot loss; returns the per-step losses."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    text_ids, text_mask = tokenize_texts(model, class_texts)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    steps = epochs * ((len(seqs) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
+        for _ in range(epochs):
+            for idx in _batches(len(seqs), batch_size, rng):
+                ids, mask = pad_cells([seqs[i] for i in idx], pad_id)
+                y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
+                loss = fewshot_loss(model, ids.to(device), mask.to(device), y, text_ids, text_mask, match_on_margin)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
+    model.eval()
+    return losses
+
+
+class CellClassifier(nn.Module):
+    """LangCell-CE: the cell encoder's pooled <cls> state through a linear classification head."""
+
+    def __init__(self, model, n_classes: int):
+        super().__init__()
+        self.cell_bert = model.cell_bert
+        self.head = nn.Linear(model.cell_bert.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden[:, 0])
+
+
+def train_classifier(clf: CellClassifier, seqs, labels: np.ndarray, epochs: int, lr: float, batch_size: int,
+                     seed: int, pad_id: int = 0, desc: str = "finetune") -> list[float]:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(clf.parameters()).device
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr)
+    clf.train()
+    losses = []
+    steps = epochs * ((len(seqs) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
+        for _ in range(epochs):
+            for idx in _batches(len(seqs), batch_size, rng):
+                ids, mask = pad_cells([seqs[i] for i in idx], pad_id)
+                y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
+                loss = F.cross_entropy(clf(ids.to(device), mask.to(device)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+    clf.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict_classifier(clf: CellClassifier, seqs, batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
+    device = next(clf.parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = pad_cells(seqs[start:start + batch_size], pad_id)
+        out.append(clf(ids.to(device), mask.to(device)).argmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, int)

@@ -1,0 +1,156 @@
+"""Ingest speed and memory: `langcell ingest census` against a plain tiledbsoma read of the same cells.
+
+For each size a synthetic Census store (`ingest.synth_census`, cached under --cache) is read twice
+in fresh processes: once the plain way (`axis_query(...).X("raw").tables()`, nothing kept) and
+once by `ingest_census` (single process). Reported: seconds, cells/s, the ratio ingest/plain
+(goal <= 1.5) and peak RSS of each process (goal: flat in the number of cells).
+
+    .venv/bin/python -m benchmarks.bench_ingest [--sizes 200000 1000000] [--cache bench_out/ingest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OBS_FILTER = "is_primary_data == True"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument("--cache", default=str(REPO / "bench_out" / "ingest"),
+                        help="where the synthetic stores are kept between runs")
+    parser.add_argument("--chunk-cells", type=int, default=20_000)
+    parser.add_argument("--cells-per-part", type=int, default=100_000)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(args)
+
+    cache = Path(args.cache)
+    rows = []
+    for n_cells in args.sizes:
+        store = _store(cache, n_cells)
+        out = cache / f"ingest-{n_cells}"
+        shutil.rmtree(out, ignore_errors=True)
+        plain = _measure(args, "plain", store)
+        ingest = _measure(args, "ingest", store, out)
+        rows.append({"cells": n_cells, "plain": plain, "ingest": ingest,
+                     "out_bytes": sum(p.stat().st_size for p in out.rglob("*.parquet"))})
+        shutil.rmtree(out, ignore_errors=True)
+        print(json.dumps(rows[-1]), flush=True)
+    report = _report(args, rows)
+    print(report)
+    if not args.no_record:
+        _record(report)
+    return 0
+
+
+def _store(cache: Path, n_cells: int) -> Path:
+    from ingest.synth_census import build_synth_census
+
+    store, done = cache / f"synth-{n_cells}", cache / f"synth-{n_cells}.done"
+    if not done.exists():
+        # A store without its marker is a build that died: start it over.
+        shutil.rmtree(store, ignore_errors=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        build_synth_census(store, n_cells, seed=0)
+        done.write_text(f"{time.perf_counter() - started:.1f} s to build\n")
+    return store
+
+
+def _measure(args, mode: str, store: Path, out: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.bench_ingest", "--child", mode, str(store),
+               "--chunk-cells", str(args.chunk_cells), "--cells-per-part", str(args.cells_per_part)]
+    if out is not None:
+        command += ["--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench_ingest {mode} on {store} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _child(args) -> int:
+    mode, store = args.child
+    started = time.perf_counter()
+    if mode == "plain":
+        import tiledbsoma
+
+        cells = nnz = 0
+        with tiledbsoma.Experiment.open(f"{store}/census_data/homo_sapiens") as experiment, \
+                experiment.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(value_filter=OBS_FILTER)) as query:
+            cells = query.n_obs
+            for table in query.X("raw").tables():
+                nnz += table.num_rows
+    else:
+        from ingest.census import ingest_census
+
+        manifest = ingest_census(args.out, uri=store, obs_filter=OBS_FILTER, chunk_cells=args.chunk_cells,
+                                 cells_per_part=args.cells_per_part, progress=False)
+        cells, nnz = manifest["n_cells"] + manifest["skipped_empty_cells"], None
+    seconds = time.perf_counter() - started
+    peak_mib = _peak_rss_mib()
+    print(json.dumps({"seconds": round(seconds, 2), "cells": cells, "nnz": nnz, "peak_rss_mib": round(peak_mib)}))
+    return 0
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM is this process image's own peak; ru_maxrss would carry over the peak of the parent
+    # that built the store, because Linux keeps it across fork + exec.
+    status = Path("/proc/self/status")
+    if status.exists():
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), flags=re.M)
+        if match:
+            return int(match.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _report(args, rows: list[dict]) -> str:
+    cores = os.cpu_count()
+    lines = [
+        f"Command: `.venv/bin/python -m benchmarks.bench_ingest --sizes {' '.join(map(str, args.sizes))} "
+        f"--chunk-cells {args.chunk_cells} --cells-per-part {args.cells_per_part}`",
+        f"Machine: {platform.machine()}, {cores} cores (shared with other jobs), Python {platform.python_version()}; "
+        f"date {datetime.date.today().isoformat()}. Stores: `ingest.synth_census` (8,000 genes, 1,000-5,000 "
+        "detected per cell), page cache warm. Each measurement is a fresh process.",
+        "",
+        "| cells | nnz | plain read s | ingest s | ingest / plain | ingest cells/s | plain peak RSS MiB "
+        "| ingest peak RSS MiB | parquet MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        plain, ingest = row["plain"], row["ingest"]
+        lines.append(f"| {row['cells']:,} | {plain['nnz']:,} | {plain['seconds']:.1f} | {ingest['seconds']:.1f} | "
+                     f"{ingest['seconds'] / plain['seconds']:.2f} | {ingest['cells'] / ingest['seconds']:,.0f} | "
+                     f"{plain['peak_rss_mib']:,} | {ingest['peak_rss_mib']:,} | {row['out_bytes'] / 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
+def _record(report: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text()
+    # Replace only the body of the "## Ingest" section; other sections belong to other benchmarks.
+    new, count = re.subn(r"(## Ingest\n)(.*?)(?=\n## |\Z)", lambda m: m.group(1) + report + "\n", text,
+                         count=1, flags=re.S)
+    if count != 1:
+        raise RuntimeError(f"{path}: no '## Ingest' section to record into")
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,7 +92,7 @@ class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Path], *, rank: int, world: int, seed: int, batch_size: int,
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
-                 start_batch: int = 0):
+                 start_batch: int = 0, pad_multiple: int = 1):
         super().__init__()
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
@@ -100,6 +100,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.max_length, self.with_text = max_length, with_text
         self.tokenizer_path, self.text_max_length, self.text_choice = tokenizer_path, text_max_length, text_choice
         self.start_batch = start_batch
+        self.pad_multiple = pad_multiple
         self._tokenizer = None
 
     # -- the sample stream (identical in every worker of a rank)
@@ -156,7 +157,7 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def _collate(self, cells) -> dict:
         lengths = [len(ids) for _, _, ids in cells]
-        width = -(-max(lengths) // 8) * 8  # multiples of 8 keep tensor cores aligned on GPU
+        width = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
         cell_ids = torch.zeros(len(cells), width, dtype=torch.long)
         for i, (_, _, ids) in enumerate(cells):
             cell_ids[i, : len(ids)] = torch.from_numpy(ids.astype(np.int64))

@@ -162,8 +162,8 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     stage_cfg = cfg.stage(stage)
     rank, world, on_gpu = _init_distributed()
     ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
-    from pretrain.model import LangCellPretrainModel, TextBert, load_text_tokenizer, resolve_text_model_path
-    text_path = resolve_text_model_path(model_cfg.text.name_or_path)
+    from pretrain.model import load_text_tokenizer, resolve_text_model_path
+    resolve_text_model_path(model_cfg.text.name_or_path)  # a missing text model fails before training
     data, run = str(data), Path(out)
     shards = _check_library(data, model_cfg.cell.vocab_size, rank, world)
     sdir = run / f"stage{stage}"
@@ -183,8 +183,7 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     # Only rank 0 holds the folder lock; the other ranks are the same run.
     lock = output_lock(sdir) if rank == 0 else _null()
     with lock:
-        return _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world,
-                      on_gpu, text_path, LangCellPretrainModel, TextBert)
+        return _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu)
 
 
 class _null:
@@ -195,14 +194,13 @@ class _null:
         return False
 
 
-def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu,
-           text_path, LangCellPretrainModel, TextBert):
+def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu):
     import deepspeed
     import torch
     from tqdm import tqdm
 
     from pretrain.data import CellStream
-    from pretrain.losses import pretrain_losses
+    from pretrain.model import LangCellPretrainModel
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = LangCellPretrainModel(model_cfg, with_text=stage == 2)
@@ -238,7 +236,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
                    with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
-                   start_batch=step * cfg.grad_accum_steps),
+                   start_batch=step * cfg.grad_accum_steps,
+                   pad_multiple=8 if on_gpu else 1),  # multiples of 8 keep GPU tensor cores aligned
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
     batches = iter(loader)
     flops_per_token = _flops_per_token(model, stage)

@@ -35,8 +35,10 @@ def write_synthetic_library(out: str | os.PathLike, *, n_cells: int = 256, n_sha
     atomic_write_json(out / "vocab" / "token_dictionary.json", token_dictionary)
     atomic_write_json(out / "vocab" / "gene_median_dictionary.json",
                       {g: 1.0 for g in token_dictionary if g.startswith("ENSG")})
-    # Each type prefers 300 genes; a cell ranks a noisy draw of them first, then random genes.
-    type_genes = [rng.choice(np.arange(2, cls_id), 300, replace=False) for _ in CELL_TYPES]
+    # Each type prefers its own genes (300, or a tenth of a small vocabulary); a cell ranks a
+    # noisy permutation of them first, then random genes.
+    n_type = min(300, (vocab_size - 3) // 10)
+    type_genes = [rng.choice(np.arange(2, cls_id), n_type, replace=False) for _ in CELL_TYPES]
     manifest = {"format": "langcell-sclibrary/1", "complete": True, "splits": {},
                 "vocab_sha256": sha256_file(out / "vocab" / "token_dictionary.json")}
     joinid = 0
@@ -54,7 +56,7 @@ def write_synthetic_library(out: str | os.PathLike, *, n_cells: int = 256, n_sha
                     for _ in range(min(per_shard, count - s * per_shard)):
                         t = int(rng.integers(len(CELL_TYPES)))
                         length = int(rng.integers(min_len, max_len + 1))
-                        top = type_genes[t][np.argsort(rng.normal(np.arange(300), 30.0))]
+                        top = type_genes[t][np.argsort(rng.normal(np.arange(n_type), n_type / 10))]
                         rest = rng.choice(np.arange(2, cls_id), length, replace=False)
                         genes = np.concatenate([top, rest[~np.isin(rest, top)]])[: length - 1]
                         ids = np.concatenate([[cls_id], genes]).astype(np.int32)

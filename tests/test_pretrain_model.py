@@ -1,0 +1,216 @@
+"""Model, objectives and export/load, single process (no DeepSpeed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig, load_model_config
+from pretrain.export import load_langcell, save_langcell
+from pretrain.losses import (cell_text_contrastive, mask_genes, pretrain_losses, sample_hard_negatives,
+                             text_key)
+from pretrain.model import LangCellPretrainModel, TextBert, load_text_tokenizer, resolve_text_model_path
+from langcell.config import from_dict
+from langcell.errors import LangCellError
+from tests.pretrain_helpers import MODEL, VOCAB
+
+
+def _tiny_model(seed=0) -> LangCellPretrainModel:
+    torch.manual_seed(seed)
+    cfg = from_dict(ModelConfig, MODEL, "test")
+    model = LangCellPretrainModel(cfg).eval()
+    model.text_tokenizer = load_text_tokenizer(cfg.text)
+    return model
+
+
+def _cells(b=4, length=20, vocab=VOCAB):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, vocab - 1, (b, length), generator=g)
+    ids[:, 0] = vocab - 1
+    mask = torch.ones_like(ids)
+    ids[1, 12:] = 0
+    mask[1, 12:] = 0
+    return ids, mask
+
+
+def _vocab_dir(tmp_path, vocab=VOCAB):
+    d = tmp_path / "vocab"
+    d.mkdir()
+    td = {"<pad>": 0, "<mask>": 1, **{f"ENSG{i:011d}": i for i in range(2, vocab - 1)}, "<cls>": vocab - 1}
+    (d / "token_dictionary.json").write_text(json.dumps(td))
+    return d
+
+
+def test_export_then_load_gives_identical_outputs(tmp_path):
+    from transformers import BertModel
+    model = _tiny_model()
+    ids, mask = _cells()
+    texts = ["A T cell. Found in the blood.", "A B cell.", "A monocyte.", "A platelet from the lung."]
+    with torch.no_grad():
+        emb, hidden = model.encode_cells(ids, mask)
+        t_ids, t_mask = model.tokenize_texts(texts)
+        temb = model.encode_texts(t_ids, t_mask)
+        logits = model.match_logits(hidden, mask, t_ids, t_mask)
+    out = save_langcell(model, tmp_path / "export", vocab_dir=_vocab_dir(tmp_path))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["cell_bert", "text_bert", "cell_proj.bin", "text_proj.bin", "ctm_head.bin", "tokenizer", "vocab",
+         "langcell_config.json"])
+    loaded = load_langcell(out)
+    with torch.no_grad():
+        emb2, hidden2 = loaded.encode_cells(ids, mask)
+        t_ids2, t_mask2 = loaded.tokenize_texts(texts)
+        temb2 = loaded.encode_texts(t_ids2, t_mask2)
+        logits2 = loaded.match_logits(hidden2, mask, t_ids2, t_mask2)
+    assert emb.shape == (4, 256)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.equal(t_ids, t_ids2)
+    assert torch.allclose(emb, emb2, atol=1e-6) and torch.allclose(temb, temb2, atol=1e-6)
+    assert torch.allclose(logits, logits2, atol=1e-6) and logits.shape == (4, 2)
+    assert len(loaded.token_dictionary) == VOCAB and loaded.token_dictionary["<cls>"] == VOCAB - 1
+    # The exported cell encoder is a plain HF BertModel.
+    plain = BertModel.from_pretrained(str(out / "cell_bert"), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()],
+                              hidden[mask.bool()], atol=1e-5)
+
+
+def test_loads_langcell_published_layout(tmp_path):
+    """LangCell's release: text_bert as pytorch_model.bin without a token-type table but with a
+    pooler, no vocab/ (Geneformer v1 + <cls> then), no langcell_config.json."""
+    cfg = from_dict(ModelConfig, {**MODEL, "cell": {**MODEL["cell"], "vocab_size": 25427}}, "test")
+    torch.manual_seed(1)
+    model = LangCellPretrainModel(cfg).eval()
+    model.text_tokenizer = load_text_tokenizer(cfg.text)
+    out = save_langcell(model, tmp_path / "exp", vocab_dir=_vocab_dir(tmp_path, 25427))
+    text_dir = out / "text_bert"
+    state = {k: v for k, v in TextBert.from_pretrained(text_dir).state_dict().items()
+             if "token_type" not in k}
+    state["pooler.dense.weight"] = torch.zeros(32, 32)
+    state["pooler.dense.bias"] = torch.zeros(32)
+    (text_dir / "model.safetensors").unlink()
+    torch.save(state, text_dir / "pytorch_model.bin")
+    config = json.loads((text_dir / "config.json").read_text())
+    config.pop("use_token_type_embeddings")
+    (text_dir / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(out / "vocab")
+    (out / "langcell_config.json").unlink()
+    # Their projections were saved from a Pooler wrapper: keys prefixed with "proj.".
+    proj = torch.load(out / "cell_proj.bin")
+    torch.save({f"proj.{k}": v for k, v in proj.items()}, out / "cell_proj.bin")
+
+    loaded = load_langcell(out)
+    assert loaded.text_bert.embeddings.token_type_embeddings is None
+    assert len(loaded.token_dictionary) == 25427 and loaded.token_dictionary["<cls>"] == 25426
+    assert loaded.token_dictionary["<pad>"] == 0 and loaded.token_dictionary["<mask>"] == 1
+    ids, mask = _cells(vocab=25427)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_cells(ids, mask)[0], model.encode_cells(ids, mask)[0], atol=1e-6)
+        t = loaded.tokenize_texts(["A T cell."])
+        assert loaded.encode_texts(*t).shape == (1, 256)
+        assert loaded.match_logits(*model.encode_cells(ids[:1], mask[:1])[1:], mask[:1], *t).shape == (1, 2)
+
+
+def test_text_encoder_matches_hf_bert_in_text_mode():
+    from transformers import AutoModel, AutoTokenizer
+
+    from pretrain.config import TextEncoderConfig
+    from pretrain.model import build_text_encoder
+    path = resolve_text_model_path("all-MiniLM-L6-v2")
+    hf = AutoModel.from_pretrained(path).eval()
+    enc = AutoTokenizer.from_pretrained(path)(["a CD4 T cell in blood", "an erythrocyte"], padding=True,
+                                              return_tensors="pt")
+    ours = build_text_encoder(TextEncoderConfig(), encoder_width=32).eval()
+    with torch.no_grad():
+        a = hf(**enc).last_hidden_state
+        b = ours(enc["input_ids"], enc["attention_mask"])
+    m = enc["attention_mask"].bool()
+    assert (a - b)[m].abs().max() < 1e-4
+    assert ours.encoder.layer[0].crossattention.self.key.in_features == 32
+
+
+def test_mask_genes_is_bert_style_and_spares_cls_and_pad():
+    torch.manual_seed(0)
+    vocab, cls = 1000, 999
+    ids = torch.randint(2, cls, (64, 200))
+    ids[:, 0] = cls
+    mask = torch.ones_like(ids)
+    ids[:, 150:] = 0
+    mask[:, 150:] = 0
+    masked, labels = mask_genes(ids, mask, 0.15, vocab, cls_id=cls)
+    picked = labels != -100
+    genes = 64 * 149
+    assert abs(picked.sum().item() / genes - 0.15) < 0.01
+    assert not picked[:, 0].any() and not picked[:, 150:].any()
+    assert torch.equal(labels[picked], ids[picked])
+    to_mask = (masked[picked] == 1).float().mean().item()
+    unchanged = (masked[picked] == ids[picked]).float().mean().item()
+    assert abs(to_mask - 0.8) < 0.03 and abs(unchanged - 0.1 - 0.001) < 0.03
+    assert torch.equal(masked[~picked], ids[~picked])
+    assert ((masked[picked] >= 2) & (masked[picked] < cls) | (masked[picked] == 1)).all()
+
+
+def test_hard_negatives_never_pick_a_true_match():
+    torch.manual_seed(0)
+    keys = torch.tensor([text_key(t) for t in ["a", "a", "b", "c", "a", "b"]])
+    # The similarity favours the true matches strongly: a wrong sampler would pick them.
+    sim = (keys[:, None] == keys[None, :]).float() * 50.0
+    for _ in range(200):
+        idx, valid = sample_hard_negatives(sim, keys)
+        assert valid.all()
+        assert (keys[idx] != keys).all()
+    # Every candidate identical: no negative exists, so every row is flagged invalid.
+    same = torch.full((4,), text_key("x"))
+    _, valid = sample_hard_negatives(torch.zeros(4, 4), same)
+    assert not valid.any()
+    # Hard negatives come from the similarity: the most similar wrong text dominates.
+    keys = torch.arange(4)
+    sim = torch.tensor([[9.0, 8.0, 0.0, 0.0]] * 4)
+    counts = torch.bincount(torch.stack([sample_hard_negatives(sim, keys)[0][0] for _ in range(300)]), minlength=4)
+    assert counts[1] > 250 and counts[0] == 0
+
+
+def test_contrastive_multi_positive_targets():
+    torch.manual_seed(0)
+    cells = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    keys = torch.tensor([1, 1, 2, 3])
+    scale = torch.tensor(10.0)
+    got = cell_text_contrastive(cells, texts, keys, scale)
+    logits = scale * cells @ texts.t()
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    want = 0.5 * (-(target * logits.log_softmax(-1)).sum(-1).mean()
+                  - (target * logits.t().log_softmax(-1)).sum(-1).mean())
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_all_four_losses_train_a_step():
+    from pretrain.config import LossWeights
+    model = _tiny_model().train()
+    ids, mask = _cells(b=6, length=24)
+    texts = ["A T cell.", "A T cell.", "A B cell.", "A monocyte.", "A platelet.", "A B cell."]
+    t_ids, t_mask = model.tokenize_texts(texts)
+    batch = {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
+             "text_keys": torch.tensor([text_key(t) for t in texts])}
+    torch.manual_seed(0)
+    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)
+    assert set(parts) == {"mlm", "cell_cell", "cell_text", "ctm"}
+    assert abs(total.item() - sum(parts.values())) < 1e-4
+    total.backward()
+    for name in ("cell_bert.embeddings.word_embeddings.weight", "text_bert.encoder.layer.0.crossattention.self.key.weight",
+                 "ctm_head.weight", "logit_scale", "mlm_head.decoder.weight", "text_proj.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_missing_text_model_is_one_line_error():
+    with pytest.raises(LangCellError, match="does not exist"):
+        resolve_text_model_path("/nonexistent/bert-model")
+
+
+def test_model_configs_load():
+    assert load_model_config("base").cell.hidden_size == 512
+    assert load_model_config("base").cell.num_hidden_layers == 12
+    assert load_model_config("tiny").cell.vocab_size == 25427

@@ -1,0 +1,137 @@
+"""Single-process DeepSpeed training: bad input, both stages + export, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from langcell.errors import LangCellError
+from pretrain.engine import consolidated_state_dict, pretrain
+from tests.pretrain_helpers import REPO, env, read_metrics, run_cli, write_setup
+
+
+@pytest.fixture
+def setup(tmp_path):
+    lib, cfg = write_setup(tmp_path)
+    return tmp_path, lib, cfg
+
+
+def _edit(path, fn):
+    data = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data) if path.suffix == ".yaml" else json.dumps(data))
+
+
+def test_unknown_config_key(setup):
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d.update(micro_batchsize=4))
+    with pytest.raises(LangCellError, match="unknown key 'micro_batchsize'"):
+        pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_vocab_size_mismatch(setup):
+    tmp, lib, cfg = setup
+    _edit(tmp / "model.yaml", lambda d: d["cell"].update(vocab_size=25427))
+    with pytest.raises(LangCellError, match="600 tokens but the model's cell vocab_size is 25427"):
+        pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_missing_and_corrupt_shards(setup):
+    tmp, lib, cfg = setup
+    shard = lib / "shards" / "train" / "sclibrary-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LangCellError, match="sclibrary-000002.tar: checksum differs"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    shard.unlink()
+    with pytest.raises(LangCellError, match="sclibrary-000002.tar: shard listed in .* is missing"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    assert not (tmp / "run" / "stage1").exists()
+
+
+def test_text_model_missing_offline(setup):
+    tmp, lib, cfg = setup
+    _edit(tmp / "model.yaml", lambda d: d["text"].update(name_or_path=str(tmp / "no-such-bert")))
+    with pytest.raises(LangCellError, match="no-such-bert': folder does not exist"):
+        pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_fp16_on_cpu_refused(setup):
+    tmp, lib, cfg = setup
+    ds = tmp / "fp16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    with pytest.raises(LangCellError, match="fp16 is not supported on CPU"):
+        pretrain(cfg, lib, tmp / "run", 1, deepspeed_config=str(ds))
+
+
+def test_stage2_needs_stage1(setup):
+    tmp, lib, cfg = setup
+    with pytest.raises(LangCellError, match="stage 1 has not finished"):
+        pretrain(cfg, lib, tmp / "run", 2)
+
+
+@pytest.mark.slow
+def test_two_stages_then_export_loads_the_trained_weights(setup):
+    from pretrain.export import load_langcell
+    tmp, lib, cfg = setup
+    run = tmp / "run"
+    for stage in ("1", "2"):
+        r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(run), "--stage", stage])
+        assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = read_metrics(run / "stage1" / "metrics.jsonl"), read_metrics(run / "stage2" / "metrics.jsonl")
+    assert [m["step"] for m in m2] == [1, 2, 3, 4, 5, 6]
+    assert set(m1[0]) >= {"mlm", "cell_cell", "loss", "cells_per_s", "tokens_per_s", "padding_share", "mfu"}
+    assert set(m2[0]) >= {"mlm", "cell_cell", "cell_text", "ctm", "temperature"}
+    assert all(0.0 <= m["padding_share"] < 0.5 and m["cells_per_s"] > 0 for m in m1 + m2)
+    assert (run / "stage1" / "tb").is_dir() and (run / "stage2" / "done.json").is_file()
+
+    r = run_cli(["export", "--run", str(run), "--out", str(tmp / "export")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = load_langcell(tmp / "export")
+    state = consolidated_state_dict(run / "stage2" / "checkpoints")
+    assert torch.equal(model.cell_bert.embeddings.word_embeddings.weight, state["cell_bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(model.ctm_head.weight, state["ctm_head.weight"])
+    assert torch.equal(model.text_bert.encoder.layer[0].crossattention.self.key.weight,
+                       state["text_bert.encoder.layer.0.crossattention.self.key.weight"])
+    # Stage 2 started from stage 1's cell encoder, then moved on.
+    s1 = torch.load(run / "stage1" / "final_model.pt")
+    assert not torch.equal(s1["cell_proj.weight"], state["cell_proj.weight"])
+    assert (s1["cell_proj.weight"] - state["cell_proj.weight"]).abs().max() < 0.1
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
+    lib, cfg = write_setup(tmp_path, steps1=40, checkpoint_every=5)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(full), "--stage", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cmd = [sys.executable, "-m", "langcell.cli", "pretrain", "--config", str(cfg), "--data", str(lib),
+           "--out", str(killed), "--stage", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "stage1" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "stage1" / "done.json").exists(), "the run finished before it could be killed"
+    resumed_from = int(latest.read_text().strip()[4:])
+    assert resumed_from < 40
+    r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(killed), "--stage", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    a, b = read_metrics(full / "stage1" / "metrics.jsonl"), read_metrics(killed / "stage1" / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, 41))
+    for x, y in zip(a[resumed_from:], b[resumed_from:]):
+        for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
+            assert abs(x[key] - y[key]) < 1e-6, (x["step"], key, x[key], y[key])

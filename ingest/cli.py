@@ -58,7 +58,8 @@ def _run_demo_census(args) -> int:
     summary = build_demo_census(args.out)
     for s in summary.sources:
         print(f"{s.name}: {s.n_cells} cells; {s.n_mapped}/{s.n_symbols} gene symbols mapped to Ensembl "
-              f"({s.n_unmapped} unmapped dropped, {s.n_merged} merged into a shared id)")
+              f"({s.n_unmapped} unmapped dropped, {s.n_merged} merged into a shared id); "
+              f"{s.stored_counts:.0f} of {s.total_counts:.0f} counts kept")
     print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes; open with "
           f"cellxgene_census.open_soma(uri={str(args.out)!r})")
     return 0

@@ -59,7 +59,8 @@ class SourceReport:
     n_mapped: int
     n_unmapped: int
     n_merged: int
-    total_counts: float
+    total_counts: float   # over all of the source's genes
+    stored_counts: float  # over the genes that map to Ensembl ids (what the store holds)
     max_integer_error: float
 
     def as_dict(self) -> dict:
@@ -118,7 +119,7 @@ def _to_ensembl(X, symbols: list[str], maps, name: str, n_cells: int, total: flo
         names.setdefault(ids[i], symbols[i])
     report = SourceReport(name=name, n_cells=n_cells, n_symbols=len(symbols), n_mapped=len(keep),
                           n_unmapped=len(symbols) - len(keep), n_merged=len(keep) - len(unique_ids),
-                          total_counts=total, max_integer_error=err)
+                          total_counts=total, stored_counts=float(Xg.sum()), max_integer_error=err)
     return Xg, list(unique_ids), names, report
 
 

@@ -244,8 +244,11 @@ def make_source(source: str = "guide", obo: Sequence[str] | None = None):
 
 
 # --- terms for an ingest -------------------------------------------------------------------------
-def count_term_ids(cells_dir: str | os.PathLike) -> tuple[dict[str, Counter], Counter]:
-    """Per term id: cell counts by column; and counts of placeholder values by column:value."""
+def count_term_ids(cells_dir: str | os.PathLike) -> tuple[dict[str, Counter], Counter, Counter]:
+    """Per term id: cell counts by column; cells using the term in any column (a cell whose
+    tissue and tissue_general are both blood counts once); placeholder counts by column:value."""
+    import numpy as np
+    import pandas as pd
     import pyarrow.parquet as pq
 
     cells_dir = Path(cells_dir)
@@ -254,6 +257,7 @@ def count_term_ids(cells_dir: str | os.PathLike) -> tuple[dict[str, Counter], Co
         raise LangCellError(f"{cells_dir}: no cell parquet files; run `langcell ingest census --out "
                             f"{cells_dir.parent}` first")
     by_id: dict[str, Counter] = {}
+    cells: Counter = Counter()
     placeholders: Counter = Counter()
     for part in parts:
         try:
@@ -264,15 +268,27 @@ def count_term_ids(cells_dir: str | os.PathLike) -> tuple[dict[str, Counter], Co
         if not columns:
             raise LangCellError(f"{part}: no *_ontology_term_id columns; the ingest contract requires them")
         for batch in handle.iter_batches(columns=columns, batch_size=1 << 16):
+            codes: dict[str, np.ndarray] = {}
+            refs: dict[str, list[tuple[str, int, int]]] = {}
             for column in columns:
-                counts = batch.column(column).to_pandas().astype(str).value_counts()
-                for value, n in counts.items():
+                codes[column], uniques = pd.factorize(batch.column(column).to_pandas().astype(str))
+                sizes = np.bincount(codes[column], minlength=len(uniques))
+                for k, value in enumerate(uniques):
                     ids = split_term_ids(value)
                     if not ids:
-                        placeholders[f"{column}:{value}"] += int(n)
+                        placeholders[f"{column}:{value}"] += int(sizes[k])
                     for term_id in ids:
-                        by_id.setdefault(term_id, Counter())[column] += int(n)
-    return by_id, placeholders
+                        by_id.setdefault(term_id, Counter())[column] += int(sizes[k])
+                        refs.setdefault(term_id, []).append((column, k, int(sizes[k])))
+            for term_id, where in refs.items():
+                if len({column for column, _, _ in where}) == 1:
+                    cells[term_id] += sum(n for _, _, n in where)
+                else:
+                    used = np.zeros(batch.num_rows, dtype=bool)
+                    for column, k, _ in where:
+                        used |= codes[column] == k
+                    cells[term_id] += int(used.sum())
+    return by_id, cells, placeholders
 
 
 def resolve_terms(term_ids: Iterable[str], source) -> tuple[dict[str, Term], list[str]]:
@@ -315,12 +331,11 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     ingest = Path(ingest)
     if not ingest.is_dir():
         raise LangCellError(f"{ingest}: ingest folder not found; pass the --out folder of `langcell ingest census`")
-    by_id, placeholders = count_term_ids(ingest / "cells")
+    by_id, cell_counts, placeholders = count_term_ids(ingest / "cells")
     resolver = make_source(source, obo)
     out_dir = ingest / "ontology"
     with output_lock(out_dir):
         terms, unresolved_ids = resolve_terms(sorted(by_id), resolver)
-        cell_counts = {t: sum(c.values()) for t, c in by_id.items()}
         # Ancestors that no loaded ontology holds are not errors: only ids of cells are reported.
         unresolved = {t: cell_counts[t] for t in sorted(unresolved_ids) if t in cell_counts}
         rows = sorted(terms.values(), key=lambda t: (t.ontology, t.term_id))

@@ -32,8 +32,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, world = _world()
     if world == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    # The functional all-gather is differentiable: its backward reduce-scatters (sums) the
+    # gradient of the gathered tensor back to the rank that owns each slice. (torch 2.13
+    # deprecates torch.distributed.nn.all_gather in its favour.)
+    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+    return wait_tensor(all_gather_single(x.contiguous(), 0, torch.distributed.group.WORLD))
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

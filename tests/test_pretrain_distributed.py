@@ -1,0 +1,88 @@
+"""Two-process torchrun (gloo, DS_ACCELERATOR=cpu): gathered losses, ZeRO-2 and ZeRO-3 training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.losses import cell_cell_contrastive, cell_text_contrastive
+from tests.pretrain_helpers import REPO, _port, env, read_metrics, run_cli, write_setup
+
+GATHER_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+from pretrain.losses import cell_cell_contrastive, cell_text_contrastive
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+cells, texts, views = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(3))
+keys = torch.tensor([5, 5, 1, 2, 3, 3, 3, 4])  # duplicates straddle the two ranks' halves
+part = slice(rank * 4, rank * 4 + 4)
+c, t, v = (x[part].clone().requires_grad_() for x in (cells, texts, views))
+loss = cell_text_contrastive(c, t, keys[part], torch.tensor(14.0)) + cell_cell_contrastive(c, v, 0.05)
+loss.backward()
+torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad}, sys.argv[1] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_port()), str(script), str(tmp_path)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    g = torch.Generator().manual_seed(0)
+    cells, texts, views = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
+                           for _ in range(3))
+    keys = torch.tensor([5, 5, 1, 2, 3, 3, 3, 4])
+    loss = cell_text_contrastive(cells, texts, keys, torch.tensor(14.0)) + cell_cell_contrastive(cells, views, 0.05)
+    loss.backward()
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    # Each rank's loss is the mean over its rows, so the mean over ranks is the global mean ...
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 - loss.item()) < 1e-5
+    # ... and each rank's gradient is world_size x the global gradient (DeepSpeed divides by it).
+    for name, full in (("c", cells.grad), ("t", texts.grad), ("v", views.grad)):
+        got = torch.cat([ranks[0][name], ranks[1][name]]) / 2
+        assert torch.allclose(got, full, atol=1e-5), name
+    assert cells.grad.abs().sum() > 0
+
+
+def _falls(metrics, key="loss"):
+    first = sum(m[key] for m in metrics[:3]) / 3
+    last = sum(m[key] for m in metrics[-3:]) / 3
+    return first, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2.json", "zero3.json"])
+def test_two_process_training_losses_fall_and_export(tmp_path, zero):
+    from pretrain.engine import consolidated_state_dict
+    from pretrain.export import load_langcell
+    lib, cfg = write_setup(tmp_path, steps1=14, steps2=10, deepspeed=zero, micro_batch_size=8)
+    run = tmp_path / "run"
+    for stage in ("1", "2"):
+        r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(run), "--stage", stage],
+                    nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = read_metrics(run / "stage1" / "metrics.jsonl"), read_metrics(run / "stage2" / "metrics.jsonl")
+    assert len(m1) == 14 and len(m2) == 10
+    first, last = _falls(m1)
+    assert last < first - 0.3, (first, last)
+    first, last = _falls(m2)
+    assert last < first - 0.05, (first, last)
+    # ZeRO partitions optimizer state (and for ZeRO-3 the weights) per rank.
+    tag = (run / "stage2" / "checkpoints" / "latest").read_text().strip()
+    assert len(list((run / "stage2" / "checkpoints" / tag).glob("*zero_pp_rank_*optim_states.pt"))) == 2
+
+    r = run_cli(["export", "--run", str(run), "--out", str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = load_langcell(tmp_path / "export")
+    state = consolidated_state_dict(run / "stage2" / "checkpoints")
+    assert torch.equal(model.text_proj.weight, state["text_proj.weight"])
+    assert torch.equal(model.cell_bert.encoder.layer[1].output.dense.weight,
+                       state["cell_bert.encoder.layer.1.output.dense.weight"])

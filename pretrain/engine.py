@@ -212,7 +212,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     if rank == 0 and stage == 2 and not (run / "text_bert_config.json").is_file():
         with atomic_path(run / "text_bert_config.json") as tmp:
             tmp.write_text(model.text_bert.config.to_json_string())
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.activation_checkpointing:
+        model.enable_activation_checkpointing()
     optimizer, scheduler = _optimizer(model, stage_cfg)
     ds = {k: v for k, v in ds_cfg.items() if not k.startswith("_")}
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum_steps,

@@ -365,13 +365,11 @@ class LangCellPretrainModel(LangCellModel):
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))
 
-    def set_activation_checkpointing(self, on: bool) -> None:
-        if on:
-            self.cell_bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.cell_bert.gradient_checkpointing_disable()
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each layer's activations in backward: far less memory for 2,048-token cells."""
+        self.cell_bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.text_bert is not None:
-            self.text_bert.gradient_checkpointing = on
+            self.text_bert.gradient_checkpointing = True
 
     def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float):
         from pretrain.losses import pretrain_losses

@@ -214,3 +214,24 @@ def test_model_configs_load():
     assert load_model_config("base").cell.hidden_size == 512
     assert load_model_config("base").cell.num_hidden_layers == 12
     assert load_model_config("tiny").cell.vocab_size == 25427
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from pretrain.config import LossWeights
+    ids, mask = _cells(b=6, length=24)
+    texts = ["A T cell.", "A T cell.", "A B cell.", "A monocyte.", "A platelet.", "A B cell."]
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny_model().train()
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        t_ids, t_mask = model.tokenize_texts(texts)
+        batch = {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
+                 "text_keys": torch.tensor([text_key(t) for t in texts])}
+        torch.manual_seed(5)
+        total, _ = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)
+        total.backward()
+        grads.append((total.item(), model.cell_bert.encoder.layer[0].attention.self.query.weight.grad.clone(),
+                      model.text_bert.encoder.layer[0].crossattention.self.value.weight.grad.clone()))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5) and torch.allclose(grads[0][2], grads[1][2], atol=1e-5)

@@ -34,6 +34,9 @@ def _add_store_commands(commands) -> None:
     synth.add_argument("--config", default=None, metavar="YAML",
                        help="generator settings (default configs/ingest/synth_census.yaml)")
     synth.add_argument("--genes", type=int, default=None, metavar="G", help="override n_genes of the config")
+    synth.add_argument("--genes-detected", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                       help="override genes_detected of the config: the range of genes detected per cell "
+                            "(writing time grows with it)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_run_synth_census)
 
@@ -68,7 +71,8 @@ def _run_demo_census(args) -> int:
 def _run_synth_census(args) -> int:
     from ingest.synth_census import build_synth_census, load_synth_config
 
-    config = load_synth_config(args.config, n_genes=args.genes)
+    config = load_synth_config(args.config, n_genes=args.genes,
+                               genes_detected=list(args.genes_detected) if args.genes_detected else None)
     summary = build_synth_census(args.out, args.cells, seed=args.seed, config=config, progress=not args.no_progress)
     print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes, {summary.n_datasets} datasets, "
           f"{summary.n_donors} donors, {summary.nnz / summary.n_cells:.0f} genes detected per cell on average; "

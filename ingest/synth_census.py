@@ -47,7 +47,7 @@ class SynthConfig:
     baseline_log_sd: float = 1.2
     nb_shape: float = 4.0
     states_per_type: int = 8
-    chunk_cells: int = 2048
+    chunk_cells: int = 1024
     tissues: list = field(default_factory=list)
     diseases: dict = field(default_factory=dict)
     assays: list = field(default_factory=list)

@@ -1,5 +1,66 @@
-"""Subcommands of this stage (filled in as the stage is built)."""
+"""`langcell eval <task>` and `langcell annotate`: argparse only; the work is in eval.suite / eval.annotate."""
+
+import argparse
+import json
+
+TASK_NAMES = ("zero-shot", "few-shot", "finetune", "retrieval", "integration", "suite")
 
 
 def add_commands(subparsers) -> None:
-    del subparsers
+    ev = subparsers.add_parser("eval", help="benchmark an exported model (zero-shot, few-shot, finetune, "
+                                            "retrieval, integration, or the whole suite)")
+    ev.add_argument("task", choices=TASK_NAMES)
+    ev.add_argument("--model", help="export folder (langcell export, or LangCell's released checkpoint)")
+    ev.add_argument("--data", help="LIB/hf/<split> from `langcell build`, or an .h5ad of raw counts")
+    ev.add_argument("--out", help="report folder: metrics.json, report.md, PNG plots")
+    ev.add_argument("--label-key", default=None, help="obs column with cell type labels (default cell_type)")
+    ev.add_argument("--batch-key", default=None, help="obs column with the batch (default dataset_id)")
+    ev.add_argument("--config", default=None, help="YAML in configs/eval/ (name or path; default: default)")
+    ev.add_argument("--max-cells", type=int, default=None, help="evaluate a random subset of this many cells")
+    ev.set_defaults(handler=_eval)
+
+    an = subparsers.add_parser("annotate", help="zero-shot cell types for an .h5ad, written into a copy of it")
+    an.add_argument("--model", required=True, help="export folder")
+    an.add_argument("--input", required=True, help=".h5ad with raw counts in X or layers['counts']")
+    an.add_argument("--output", required=True, help="annotated .h5ad (obs langcell_*, obsm['X_langcell'])")
+    group = an.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cell-types", nargs="+", help="candidate types: CL labels get their CL description, "
+                                                       "other text is used as written")
+    group.add_argument("--ontology-root", help="every CL descendant of this term is a candidate, e.g. CL:0000542")
+    an.add_argument("--ontology-terms", default=None, help="INGEST/ontology/terms.parquet (default: "
+                                                           "cellxgene-ontology-guide's CL)")
+    an.add_argument("--top-k", type=int, default=5, help="matching head for the k most similar types")
+    an.add_argument("--alpha", type=float, default=0.1)
+    an.add_argument("--chunk-size", type=int, default=4096, help="cells read from disk at a time")
+    an.add_argument("--batch-size", type=int, default=32)
+    an.add_argument("--min-gene-overlap", type=float, default=0.25,
+                    help="refuse when fewer of the file's genes are in the model's vocabulary")
+    an.add_argument("--device", default="cpu")
+    an.set_defaults(handler=_annotate)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from eval.suite import run_suite, run_tasks
+    from eval.settings import load_eval_config
+
+    overrides = {k: v for k, v in (("model", args.model), ("data", args.data), ("out", args.out),
+                                   ("label_key", args.label_key), ("batch_key", args.batch_key),
+                                   ("max_cells", args.max_cells)) if v is not None}
+    if args.task == "suite":
+        metrics = run_suite(args.config, **overrides)
+    else:
+        metrics = run_tasks(load_eval_config(args.config, overrides), [args.task])
+    headline = {task: {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                for task, m in metrics.items()}
+    print(json.dumps(headline, indent=1))
+    return 0
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from eval.annotate import annotate
+
+    summary = annotate(args.model, args.input, args.output, args.cell_types, args.ontology_root,
+                       ontology_terms=args.ontology_terms, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                       top_k=args.top_k, alpha=args.alpha, min_gene_overlap=args.min_gene_overlap, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0

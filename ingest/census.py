@@ -617,8 +617,6 @@ def _fetch_chunk(experiment, X, joinids: np.ndarray, obs_columns: list[str]):
 def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Table, keep_map: np.ndarray,
                  schema: pa.Schema, obs_columns: list[str]) -> pa.Table:
     """Obs rows and sparse count rows of `joinids` (ascending) as a table in `schema`, empty cells dropped."""
-    import scipy.sparse as sp
-
     obs = obs.take(pa.array(np.argsort(obs["soma_joinid"].to_numpy(), kind="stable")))
     obs_joinids = obs["soma_joinid"].to_numpy()
     if obs_joinids.size != joinids.size or not np.array_equal(obs_joinids, joinids):
@@ -631,20 +629,15 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
     genes = coo["soma_dim_1"].to_numpy()
     data = coo["soma_data"].to_numpy()
     del coo
-    _check_counts(source, data, cells)
+    has_zeros = _check_counts(source, data, cells)
     if genes.size and genes.max() >= keep_map.size:
         raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(genes.max())} beyond var; "
                             "the store is corrupt, rebuild it")
-    zero = data == 0
-    if zero.any():  # explicit zeros are no counts; the contract's counts are all > 0
-        cells, genes, data = cells[~zero], genes[~zero], data[~zero]
-    # coo -> csr is a counting sort by row (O(nnz)); TileDB returns tiles, not rows, in order.
-    matrix = sp.csr_matrix((data, (_local_rows(joinids, cells), genes.astype(np.int32))),
-                           shape=(joinids.size, keep_map.size))
-    if matrix.nnz != data.size:
-        _raise_duplicate(source, joinids, cells, genes)
+    if has_zeros:  # explicit zeros are no counts; the contract's counts are all > 0
+        nonzero = data != 0
+        cells, genes, data = cells[nonzero], genes[nonzero], data[nonzero]
+    indptr, indices, values = _compress_rows(source, joinids, cells, genes, data, keep_map.size)
     del cells, genes, data
-    indptr, indices, values = matrix.indptr, matrix.indices, matrix.data
     n_counts = _row_sums(indptr, values)
     gene_index = keep_map[indices]
     kept = gene_index >= 0
@@ -672,6 +665,29 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _compress_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, data: np.ndarray,
+                   n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """COO entries -> CSR (indptr, gene soma_joinids ascending per row, counts) over `joinids`' rows."""
+    import scipy.sparse as sp
+
+    if data.size == 0:
+        return np.zeros(joinids.size + 1, dtype=np.int64), genes, data
+    # Stores whose space tile spans every gene (synth-census, most AnnData conversions) come back
+    # from TileDB already in row-major order: then CSR is a binary search per cell, no sort.
+    if np.all(cells[1:] >= cells[:-1]):
+        out_of_order = genes[1:] <= genes[:-1]
+        out_of_order &= cells[1:] == cells[:-1]
+        if not out_of_order.any():
+            indptr = np.append(np.searchsorted(cells, joinids), cells.size)
+            return indptr, genes, data
+    # Otherwise (e.g. the Census' square space tiles) a counting sort by row, O(nnz).
+    matrix = sp.csr_matrix((data, (_local_rows(joinids, cells), genes.astype(np.int32))),
+                           shape=(joinids.size, n_genes))
+    if matrix.nnz != data.size:
+        _raise_duplicate(source, cells, genes)
+    return matrix.indptr, matrix.indices, matrix.data
+
+
 def _local_rows(joinids: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Row of each entry's cell within the chunk (`joinids` ascending); TileDB's C++ hash indexer
     is several times faster than a numpy binary search or lookup table here."""
@@ -684,12 +700,16 @@ def _row_sums(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
     sums = np.zeros(indptr.size - 1, dtype=np.float64)
     if values.size:
         starts = np.minimum(indptr[:-1], values.size - 1)
-        sums = np.add.reduceat(values, starts, dtype=np.float64)
+        # float32 sums of integer counts are exact below 2**24; only rows above that are redone
+        # in float64 (summing everything in float64 costs a cast of every count).
+        sums = np.add.reduceat(values, starts).astype(np.float64)
+        for row in np.flatnonzero(sums >= 2.0 ** 24):
+            sums[row] = values[indptr[row]:indptr[row + 1]].sum(dtype=np.float64)
         sums[indptr[1:] == indptr[:-1]] = 0.0
     return sums
 
 
-def _raise_duplicate(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray):
+def _raise_duplicate(source: Source, cells: np.ndarray, genes: np.ndarray):
     order = np.lexsort((genes, cells))
     cells, genes = cells[order], genes[order]
     at = int(np.flatnonzero((cells[1:] == cells[:-1]) & (genes[1:] == genes[:-1]))[0])
@@ -697,14 +717,16 @@ def _raise_duplicate(source: Source, joinids: np.ndarray, cells: np.ndarray, gen
                         f"{int(genes[at])} more than once; the store is corrupt, rebuild it")
 
 
-def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> None:
+def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> bool:
+    """Raise unless every count is a finite non-negative integer; return whether any is 0."""
     if not data.size:
-        return
-    # Fast path, two passes: x - floor(x) is 0 for every integer, NaN for NaN and +-inf, > 0 otherwise.
+        return False
+    # Fast path, three passes: x - floor(x) is 0 for every integer, NaN for NaN and +-inf, > 0 otherwise.
     fraction = np.floor(data)
     np.subtract(data, fraction, out=fraction)
-    if not fraction.any() and data.min() >= 0:
-        return
+    smallest = data.min()
+    if not fraction.any() and smallest >= 0:
+        return bool(smallest == 0)
     for bad, problem in ((~np.isfinite(data), "NaN or infinite"), (data < 0, "negative"),
                          (data != np.floor(data), "non-integer")):
         if bad.any():

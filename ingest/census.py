@@ -328,11 +328,11 @@ def _genes(experiment, source: Source, var_filter: str | None) -> tuple[pa.Table
     keep_map = np.full(n_store_genes, -1, dtype=np.int32)
     keep_map[var_joinids] = np.arange(var_joinids.size, dtype=np.int32)
     names = table.schema.names
-    biotype_column = next((c for c in ("feature_biotype", "feature_type") if c in names), None)
-    if biotype_column is None:
-        biotype = pa.array(["unknown"] * table.num_rows, pa.string())
-    else:
-        biotype = pa.array([value or "unknown" for value in _plain(table[biotype_column]).to_pylist()], pa.string())
+    # The Census' `feature_type` holds the GENCODE biotype; CELLxGENE's `feature_biotype` only says
+    # "gene" or "spike-in", so it is the fallback and its "gene" says nothing.
+    biotype_column = next((c for c in ("feature_type", "feature_biotype") if c in names), None)
+    values = _plain(table[biotype_column]).to_pylist() if biotype_column else [None] * table.num_rows
+    biotype = pa.array([value if value and value != "gene" else "unknown" for value in values], pa.string())
     genes = pa.table({
         "gene_index": pa.array(np.arange(table.num_rows, dtype=np.int32)),
         "feature_id": _plain(table["feature_id"]).cast(pa.string()),
@@ -376,9 +376,10 @@ def _shard_manifest_name(index: int, count: int) -> str:
 
 def _start_manifest(path: Path, identity: dict[str, Any], parts: list[dict[str, Any]],
                     shard: tuple[int, int] | None) -> dict[str, Any]:
-    fresh = dict(identity, parts=parts, complete=False, n_cells=None, skipped_empty_cells=None)
+    fresh = dict(identity, parts=parts)
     if shard is not None:
         fresh["shard"] = {"index": shard[0], "count": shard[1]}
+    _finish(fresh)
     if not path.exists():
         return fresh
     old = read_json(path, "ingest manifest")
@@ -394,6 +395,7 @@ def _start_manifest(path: Path, identity: dict[str, Any], parts: list[dict[str, 
         if previous is not None and (out / part["name"]).is_file() \
                 and sha256_file(out / part["name"]) == previous["sha256"]:
             part.update(previous)
+    _finish(fresh)
     return fresh
 
 
@@ -408,10 +410,11 @@ def _remove_stale_temporaries(out: Path, parts: list[dict[str, Any]]) -> None:
 
 def _finish(manifest: dict[str, Any]) -> None:
     parts = manifest["parts"]
-    manifest["complete"] = all(part["status"] == "done" for part in parts)
-    if manifest["complete"]:
-        manifest["n_cells"] = sum(part["rows"] for part in parts)
-        manifest["skipped_empty_cells"] = sum(part["empty_cells"] for part in parts)
+    done = [part for part in parts if part["status"] == "done"]
+    manifest["complete"] = len(done) == len(parts)
+    manifest["n_cells"] = sum(part["rows"] for part in done)
+    manifest["skipped_empty_cells"] = skipped = sum(part["empty_cells"] for part in done)
+    manifest["warnings"] = [f"{skipped} cells without any count in the kept genes were skipped"] if skipped else []
 
 
 def _verify_parts(out: Path, identity: dict[str, Any], parts: list[dict[str, Any]]) -> None:
@@ -488,6 +491,7 @@ def _run_parts(task: _PartTask, pending: list[dict[str, Any]], manifest: dict[st
     def record(result: dict[str, Any]) -> None:
         part = next(p for p in manifest["parts"] if p["name"] == result["name"])
         part.update(result, status="done")
+        _finish(manifest)
         atomic_write_json(manifest_path, manifest)
         _crash_point("manifest_written")
 

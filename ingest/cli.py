@@ -134,6 +134,8 @@ def _add_census_commands(commands) -> None:
 
 
 def _run_census(args) -> int:
+    import sys
+
     from ingest.census import ingest_census, parse_shard
 
     shard = parse_shard(args.shard) if args.shard is not None else None
@@ -143,6 +145,8 @@ def _run_census(args) -> int:
         chunk_cells=args.chunk_cells, cells_per_part=args.cells_per_part, workers=args.workers,
         shard=shard, progress=not args.no_progress)
     where = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
+    for warning in manifest["warnings"]:
+        print(f"langcell ingest census: warning: {warning}", file=sys.stderr)
     print(f"{args.out}: {manifest['n_cells']} cells in {len(manifest['parts'])} parts "
           f"({manifest['skipped_empty_cells']} empty cells skipped), {manifest['n_genes']} genes; see {where}")
     return 0

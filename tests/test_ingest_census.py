@@ -112,6 +112,7 @@ def test_round_trip_matches_store(store, reference):
     assert manifest["plan"]["n_cells"] == int(primary.sum())
     assert manifest["n_cells"] == len(cells) == int(nonempty.sum())
     assert manifest["skipped_empty_cells"] == int((~nonempty).sum()) == 2
+    assert manifest["warnings"] == ["2 cells without any count in the kept genes were skipped"]
     assert len(manifest["parts"]) == -(-int(primary.sum()) // 60)
     assert [p["rows"] for p in manifest["parts"]] == [len(pq.read_table(reference / p["name"]))
                                                         for p in manifest["parts"]]
@@ -164,6 +165,7 @@ def test_kill_mid_part_and_after_rename_then_resume(store, reference, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["status"] for p in manifest["parts"]] == ["done", "pending", "pending", "pending"]
     assert manifest["complete"] is False and (out / "cells/part-00001.parquet").exists()
+    assert manifest["n_cells"] == manifest["parts"][0]["rows"] == 60 - 1  # cell 3 has no counts
     # Killed halfway through a part: a temporary file is left behind.
     second = cli(*args, env={CRASH_ENV: "chunk_written:2"})
     assert second.returncode == -signal.SIGKILL, second.stderr

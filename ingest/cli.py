@@ -37,6 +37,9 @@ def _add_store_commands(commands) -> None:
     synth.add_argument("--genes-detected", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                        help="override genes_detected of the config: the range of genes detected per cell "
                             "(writing time grows with it)")
+    synth.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes generating cells while one writes; the store is the same for any N "
+                            "(default %(default)s)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_run_synth_census)
 
@@ -73,7 +76,8 @@ def _run_synth_census(args) -> int:
 
     config = load_synth_config(args.config, n_genes=args.genes,
                                genes_detected=list(args.genes_detected) if args.genes_detected else None)
-    summary = build_synth_census(args.out, args.cells, seed=args.seed, config=config, progress=not args.no_progress)
+    summary = build_synth_census(args.out, args.cells, seed=args.seed, config=config, progress=not args.no_progress,
+                                 workers=args.workers)
     print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes, {summary.n_datasets} datasets, "
           f"{summary.n_donors} donors, {summary.nnz / summary.n_cells:.0f} genes detected per cell on average; "
           f"{summary.seconds:.1f} s ({summary.cells_per_s:,.0f} cells/s)")

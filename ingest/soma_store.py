@@ -107,6 +107,18 @@ class DatasetInfo:
     extra: dict = field(default_factory=dict)
 
 
+def _remove_stale_builds(out: Path) -> None:
+    """Delete half-built stores of killed runs (`.NAME.building-PID` whose PID is gone)."""
+    for stale in out.parent.glob(f".{out.name}.building-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def _new_dataframe(parent, name: str, schema: pa.Schema, n_rows: int):
     """A DataFrame created on its own and registered with `.set()`. tiledbsoma 2.3's
     `add_new_dataframe` loses the enumeration values of dictionary columns written through
@@ -166,6 +178,7 @@ class CensusStoreWriter:
         import tiledbsoma
 
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self._root = tiledbsoma.Collection.create(str(self.tmp))

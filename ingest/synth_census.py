@@ -155,8 +155,9 @@ def type_parents(cell_types: list[str], guide) -> dict[str, str | None]:
 
 def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
                        config: SynthConfig | str | os.PathLike | None = None,
-                       progress: bool = True) -> SynthSummary:
-    """Write a synthetic Census-schema store with `n_cells` cells at `out`."""
+                       progress: bool = True, workers: int = 1) -> SynthSummary:
+    """Write a synthetic Census-schema store with `n_cells` cells at `out`; `workers` processes
+    generate chunks while this one writes (the store does not depend on `workers`)."""
     from tqdm import tqdm
 
     from ingest.ontology import GuideSource
@@ -164,6 +165,8 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
 
     if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
         raise LangCellError(f"--cells: must be a whole number >= 1, got {n_cells!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise LangCellError(f"--workers: must be a whole number >= 1, got {workers!r}")
     check_output(out)
     cfg = config if isinstance(config, SynthConfig) else load_synth_config(config)
     started = time.perf_counter()
@@ -239,21 +242,37 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
                                summary={"census_build_date": "synthetic", "synthetic_seed": str(seed)})
     codes = {c: {v: i for i, v in enumerate(vals)} for c, vals in writer.categories.items()}
     nnz_total = 0
+    # Each chunk draws from its own generator seeded by (seed, dataset, chunk), so the store is
+    # the same whatever the number of workers and whichever worker makes which chunk.
+    specs = [(d, i, min(cfg.chunk_cells, ds["n_cells"] - start))
+             for d, ds in enumerate(datasets) for i, start in enumerate(range(0, ds["n_cells"], cfg.chunk_cells))]
+    _JOB.clear()
+    _JOB.update(seed=seed, datasets=datasets, tables=tables, curves=detected_curves, n_states=n_states, n_genes=G,
+                beta=cfg.batch_strength, target_lo=target_lo, target_hi=target_hi, cell_types=cell_types,
+                codes=codes, label=label)
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        # fork: workers inherit the lookup tables instead of receiving copies.
+        pool = multiprocessing.get_context("fork").Pool(workers)
     bar = tqdm(total=n_cells, unit="cell", unit_scale=True, desc="synth-census", disable=not progress)
-    with writer:
-        for ds in datasets:
-            if ds["n_cells"] == 0:
-                continue
-            writer.add_dataset(DatasetInfo(dataset_id=ds["dataset_id"], title=f"synthetic {label(ds['tissue']['tissue'])}",
-                                           collection_name="langcell synthetic census", source="synthetic",
-                                           n_cells=ds["n_cells"]))
-            for start in range(0, ds["n_cells"], cfg.chunk_cells):
-                n = min(cfg.chunk_cells, ds["n_cells"] - start)
-                obs, rows, cols, counts = _chunk(rng, ds, n, tables, detected_curves, n_states, G,
-                                                 cfg.batch_strength, target_lo, target_hi, cell_types, codes, label)
+    try:
+        chunks = pool.imap(_chunk_job, specs) if pool else map(_chunk_job, specs)
+        with writer:
+            for ds in datasets:
+                if ds["n_cells"]:
+                    writer.add_dataset(DatasetInfo(
+                        dataset_id=ds["dataset_id"], title=f"synthetic {label(ds['tissue']['tissue'])}",
+                        collection_name="langcell synthetic census", source="synthetic", n_cells=ds["n_cells"]))
+            for obs, rows, cols, counts in chunks:
                 writer.write(obs, rows, cols, counts)
                 nnz_total += len(counts)
-                bar.update(n)
+                bar.update(len(obs["is_primary_data"]))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _JOB.clear()
     bar.close()
     n_donors = sum(len(d["donors"]) for d in datasets if d["n_cells"])
     return SynthSummary(out=Path(out), n_cells=n_cells, n_genes=G, n_datasets=sum(1 for d in datasets if d["n_cells"]),
@@ -293,6 +312,17 @@ def _categories(datasets, cell_types, label) -> dict[str, list[str]]:
     return {k: list(dict.fromkeys(v)) for k, v in cats.items()}
 
 
+_JOB: dict = {}
+
+
+def _chunk_job(spec: tuple[int, int, int]):
+    d, index, n = spec
+    job = _JOB
+    rng = np.random.default_rng([job["seed"], d, index])
+    return _chunk(rng, job["datasets"][d], n, job["tables"], job["curves"], job["n_states"], job["n_genes"],
+                  job["beta"], job["target_lo"], job["target_hi"], job["cell_types"], job["codes"], job["label"])
+
+
 def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, target_hi, cell_types, codes, label):
     """Obs codes and the COO counts (row-major, local rows) of `n` cells of dataset `ds`."""
     type_local = rng.choice(len(ds["types"]), size=n, p=ds["type_p"])
@@ -328,8 +358,9 @@ def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, targe
     keys[n_type:] += np.repeat(np.arange(n, dtype=np.int64) * n_genes, from_batch)
     cell_gene = np.bincount(keys, minlength=n * n_genes)
     flat = np.flatnonzero(cell_gene)
-    rows = flat // n_genes
-    cols = flat - rows * n_genes
+    rows, cols = np.divmod(flat, n_genes)
+    # int32 halves what a worker process sends back; the writer widens them again.
+    rows, cols = rows.astype(np.int32), cols.astype(np.int32)
     counts = cell_gene[flat].astype(np.float32)
 
     def const(column, value):

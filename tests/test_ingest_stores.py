@@ -145,6 +145,8 @@ def test_store_output_checks(tmp_path):
     for bad in (0, -3, "10", 2.5, True):
         with pytest.raises(LangCellError, match="--cells"):
             build_synth_census(tmp_path / "s", bad)
+    with pytest.raises(LangCellError, match="--workers"):
+        build_synth_census(tmp_path / "s", 10, workers=0)
     assert (not_store / "readme.txt").read_text() == "mine" and not (tmp_path / "s").exists()
 
 
@@ -229,12 +231,12 @@ def test_synth_expression_follows_the_cl_hierarchy(synth_store):
     assert corr("CL:0000792", "CL:0000624") > corr("CL:0000792", "CL:0000084") > cd4_hep
 
 
-def test_synth_is_deterministic_and_rebuild_replaces(tmp_path):
+def test_synth_is_deterministic_for_any_workers_and_rebuild_replaces(tmp_path):
     from ingest.synth_census import build_synth_census
 
     config = _small_config(n_genes=1500, genes_detected=[200, 600], chunk_cells=200)
     build_synth_census(tmp_path / "a", 700, seed=11, config=config, progress=False)
-    build_synth_census(tmp_path / "b", 700, seed=11, config=config, progress=False)
+    build_synth_census(tmp_path / "b", 700, seed=11, config=config, progress=False, workers=2)
     build_synth_census(tmp_path / "c", 700, seed=12, config=config, progress=False)
     obs_a, var_a, X_a = _read_store(tmp_path / "a")
     obs_b, var_b, X_b = _read_store(tmp_path / "b")
@@ -242,7 +244,9 @@ def test_synth_is_deterministic_and_rebuild_replaces(tmp_path):
     assert obs_a.astype(str).equals(obs_b.astype(str)) and var_a.equals(var_b)
     assert (X_a != X_b).nnz == 0
     assert X_a.shape == X_c.shape and ((X_a != X_c).nnz > 0 or not obs_a.astype(str).equals(obs_c.astype(str)))
-    # Building again over an existing store replaces it whole, leaving no temporary folders.
+    # Building again over an existing store replaces it whole, leaving no temporary folders,
+    # and clears what a killed build (a pid that no longer runs) left behind.
+    (tmp_path / ".a.building-999999999").mkdir()
     build_synth_census(tmp_path / "a", 300, seed=11, config=config, progress=False)
     assert len(_read_store(tmp_path / "a")[0]) == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]

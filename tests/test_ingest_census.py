@@ -139,6 +139,33 @@ def test_round_trip_matches_store(store, reference):
     assert genes["feature_biotype"].tolist()[:2] == ["lncRNA", "protein_coding"]
 
 
+@pytest.mark.parametrize("kind", ["synth", "demo"])
+def test_census_schema_stores_agree_with_their_obs_summaries(kind, tmp_path):
+    """On the project's own Census-schema stores: n_counts equals the store's raw_sum and every
+    sparse row has the store's nnz, cell for cell."""
+    if kind == "synth":
+        from ingest.synth_census import build_synth_census, load_synth_config
+
+        build_synth_census(tmp_path / "store", 600, seed=3, progress=False,
+                           config=load_synth_config(n_genes=400, genes_detected=[50, 200]))
+        n_cells = 600
+    else:
+        from ingest.demo_census import build_demo_census
+
+        n_cells = build_demo_census(tmp_path / "store", progress=False).n_cells
+    manifest = ingest_census(tmp_path / "out", uri=str(tmp_path / "store"), cells_per_part=256, chunk_cells=100,
+                             workers=2, progress=False)
+    cells = read_cells(tmp_path / "out")
+    assert manifest["n_cells"] == len(cells) == n_cells
+    np.testing.assert_array_equal(cells["n_counts"].to_numpy(), cells["raw_sum"].to_numpy())
+    assert [len(g) for g in cells["gene_index"]] == cells["nnz"].tolist()
+    assert all(np.all(np.diff(g) > 0) for g in cells["gene_index"])
+    genes = pq.read_table(tmp_path / "out/genes.parquet")
+    assert max(int(g.max()) for g in cells["gene_index"]) < genes.num_rows == manifest["n_genes"]
+    terms = cells["cell_type_ontology_term_id"]
+    assert (terms.str.startswith("CL:") | (terms == "unknown")).all() and terms.str.startswith("CL:").sum() >= 600
+
+
 def test_var_filter_keeps_n_counts_over_all_genes(store, reference, tmp_path):
     out = tmp_path / "coding"
     manifest = ingest_census(out, uri=store, var_filter="feature_type == 'protein_coding'", progress=False)

@@ -48,7 +48,8 @@ class RankValueTokenizer:
                                 "append it (LangCell uses the next id after the genes)")
         if max_length < 2:
             raise LangCellError(f"{source}: max_length must be at least 2 (<cls> and one gene), got {max_length}")
-        genes = [g for g in token_dictionary if g not in _special(token_dictionary)]
+        special = _special(token_dictionary)
+        genes = [g for g in token_dictionary if g not in special]
         missing = [g for g in genes if g not in gene_medians]
         extra = [g for g in gene_medians if g not in token_dictionary]
         if missing or extra:

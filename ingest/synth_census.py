@@ -239,7 +239,8 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
 
     categories = _categories(datasets, cell_types, label)
     writer = CensusStoreWriter(out, n_cells, genes, categories,
-                               summary={"census_build_date": "synthetic", "synthetic_seed": str(seed)})
+                               summary={"census_build_date": "synthetic", "synthetic_seed": str(seed)},
+                               trusted_coords=True)
     codes = {c: {v: i for i, v in enumerate(vals)} for c, vals in writer.categories.items()}
     nnz_total = 0
     # Each chunk draws from its own generator seeded by (seed, dataset, chunk), so the store is

@@ -73,7 +73,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 
 FORMAT = "langcell-ingest/1"
 ORGANISMS = ("homo_sapiens", "mus_musculus")
@@ -141,11 +141,15 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
         # The big joinid array is only needed for the plan; parts re-derive their own cells.
         plan, parts = _make_plan(joinids, cells_per_part)
         del joinids
-        genes_sha = _write_genes(out / "genes.parquet", genes)
+        genes_bytes = _genes_parquet(genes)
         identity = {"format": FORMAT, "source": source.as_dict(), "organism": organism,
                     "obs_filter": obs_filter, "var_filter": var_filter, "max_cells": max_cells,
                     "cells_per_part": cells_per_part, "plan": plan, "n_genes": genes.num_rows,
-                    "genes_sha256": genes_sha}
+                    "genes_sha256": hashlib.sha256(genes_bytes).hexdigest()}
+        # Checked before anything is written, so a refused rerun leaves the folder as it was.
+        _check_folder_identity(out, identity)
+        # Every shard writes the same bytes, so concurrent atomic renames of this file are harmless.
+        atomic_write_bytes(out / "genes.parquet", genes_bytes)
         if shard is not None:
             parts = parts[shard[0]::shard[1]]
         manifest_path = out / (_shard_manifest_name(*shard) if shard else "manifest.json")
@@ -193,6 +197,9 @@ def merge_shards(out: str | os.PathLike) -> dict[str, Any]:
                 index = manifest["shard"]["index"]
                 raise LangCellError(f"{path}: shard {index}/{count} is not complete; rerun it with "
                                     f"`--shard {index}/{count}` and the same arguments, then merge again")
+        if sha256_file(out / "genes.parquet") != first["genes_sha256"]:
+            raise LangCellError(f"{out / 'genes.parquet'}: sha256 differs from the shard manifests; rerun any "
+                                "shard to rewrite it, then merge again")
         parts = sorted((part for m in manifests for part in m["parts"]), key=lambda p: p["name"])
         _verify_parts(out, first, parts)
         merged = {key: first[key] for key in IDENTITY_KEYS}
@@ -343,11 +350,10 @@ def _genes(experiment, source: Source, var_filter: str | None) -> tuple[pa.Table
     return genes, keep_map
 
 
-def _write_genes(path: Path, genes: pa.Table) -> str:
-    # Every shard writes the same bytes, so concurrent atomic renames of this file are harmless.
-    with atomic_path(path) as tmp:
-        pq.write_table(genes, tmp, compression="zstd")
-    return sha256_file(path)
+def _genes_parquet(genes: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(genes, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def _filter_error(source: Source, flag: str, text: str, exc: BaseException) -> str:
@@ -383,11 +389,6 @@ def _start_manifest(path: Path, identity: dict[str, Any], parts: list[dict[str, 
     if not path.exists():
         return fresh
     old = read_json(path, "ingest manifest")
-    for key in IDENTITY_KEYS:
-        if old.get(key) != identity[key]:
-            raise LangCellError(f"{path}: this folder holds an ingest with {key} = {json.dumps(old.get(key))}, "
-                                f"this run has {json.dumps(identity[key])}; rerun with the original arguments "
-                                "or use another --out")
     done = {part["name"]: part for part in old.get("parts", []) if part.get("status") == "done"}
     out = path.parent
     for part in fresh["parts"]:
@@ -397,6 +398,17 @@ def _start_manifest(path: Path, identity: dict[str, Any], parts: list[dict[str, 
             part.update(previous)
     _finish(fresh)
     return fresh
+
+
+def _check_folder_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse to add to a folder whose manifests (single run or any shard) describe another ingest."""
+    for path in sorted(out.glob("manifest*.json")):
+        old = read_json(path, "ingest manifest")
+        for key in IDENTITY_KEYS:
+            if old.get(key) != identity[key]:
+                raise LangCellError(f"{path}: this folder holds an ingest with {key} = {json.dumps(old.get(key))}, "
+                                    f"this run has {json.dumps(identity[key])}; rerun with the original arguments "
+                                    "or use another --out")
 
 
 def _remove_stale_temporaries(out: Path, parts: list[dict[str, Any]]) -> None:

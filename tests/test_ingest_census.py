@@ -244,6 +244,16 @@ def test_rerun_with_other_arguments_is_refused(store, reference, tmp_path):
         ingest_census(out, uri=store, max_cells=150, cells_per_part=60, progress=False)
     with pytest.raises(LangCellError, match=r"obs_filter"):
         ingest_census(out, uri=store, max_cells=100, cells_per_part=60, obs_filter="sex == 'sex-a'", progress=False)
+    genes = (out / "genes.parquet").read_bytes()
+    with pytest.raises(LangCellError, match=r"var_filter = null, this run has \"feature_type == 'lncRNA'\""):
+        ingest_census(out, uri=store, max_cells=100, cells_per_part=60, var_filter="feature_type == 'lncRNA'",
+                      progress=False)
+    assert (out / "genes.parquet").read_bytes() == genes  # the refused run wrote nothing
+    # A shard with other arguments is refused as well, by the other shard's manifest.
+    sharded = tmp_path / "sharded"
+    ingest_census(sharded, uri=store, cells_per_part=60, shard=(0, 2), progress=False)
+    with pytest.raises(LangCellError, match=r"manifest.shard-0-of-2.json: this folder holds an ingest with max_cells"):
+        ingest_census(sharded, uri=store, cells_per_part=60, max_cells=10, shard=(1, 2), progress=False)
 
 
 def test_output_lock_keeps_a_second_run_out(store, tmp_path):

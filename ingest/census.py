@@ -55,6 +55,7 @@ range of the part, which holds the part's cells even when its first or last cell
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import errno
 import fcntl
@@ -534,6 +535,9 @@ def _run_pool(task, pending, record, bar, workers) -> None:
                 for future in finished:
                     record(future.result())
             _drain(queue, bar)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise LangCellError("ingest worker process died (killed, or out of memory); rerun the same command to "
+                                "resume, with a smaller --chunk-cells or fewer --workers if memory is short") from None
         except BaseException:
             for future in futures:
                 future.cancel()

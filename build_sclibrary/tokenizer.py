@@ -130,7 +130,8 @@ class RankValueTokenizer:
             if n_counts.shape[0] != n_cells:
                 raise LangCellError(f"tokenize_csr: n_counts has {n_counts.shape[0]} values for {n_cells} cells; "
                                     "pass one total per cell")
-        if np.any((n_counts <= 0) & (np.diff(X.indptr) > 0)):
+        bad = np.flatnonzero(~(n_counts > 0))
+        if bad.size and X[bad].count_nonzero():
             raise LangCellError("tokenize_csr: a cell with counts has a total (n_counts) <= 0; "
                                 "pass each cell's total counts over all genes")
         cols, tokens, medians = self.gene_plan(gene_ids)
@@ -158,6 +159,9 @@ class RankValueTokenizer:
         data = sub.data[lo:hi]
         indices = sub.indices[lo:hi]
         rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(sub.indptr[r0:r1 + 1]))
+        stored = data != 0  # explicit zeros are no counts (and would be 0/0 in an empty cell)
+        if not stored.all():
+            data, indices, rows = data[stored], indices[stored], rows[stored]
         # Same expression and operand order as Geneformer, so rounding (and ties) agree.
         values = data / n_counts[rows] * TARGET_SUM / medians[indices]
         keep = values != 0

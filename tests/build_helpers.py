@@ -141,6 +141,8 @@ def read_part_arrays(root: Path):
 
 def reference_tokens(gene_ids, counts_dense_row, n_counts, tokens: dict, medians: dict, max_length: int):
     """Geneformer's per-cell algorithm written plainly: a stable sort of -value over the columns."""
+    if not np.any(counts_dense_row):
+        return np.array([tokens["<cls>"]], dtype=np.int32)
     cols = [i for i, g in enumerate(gene_ids) if g in medians and g in tokens]
     seen, keep = set(), []
     for i in cols:
@@ -162,3 +164,16 @@ def rewrite_manifest(root: Path, **changes) -> None:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pbmc68k_counts():
+    """scanpy's bundled pbmc68k_reduced as raw counts: (CSR float32, symbols, n_counts, labels)."""
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    adata = sc.datasets.pbmc68k_reduced()
+    n_counts = adata.obs["n_counts"].to_numpy().astype(np.float64)
+    raw = adata.raw.X.toarray() if sp.issparse(adata.raw.X) else np.asarray(adata.raw.X)
+    counts = np.round(np.expm1(raw) * n_counts[:, None] / 1e4).astype(np.float32)
+    return (sp.csr_matrix(counts), list(adata.raw.var_names), n_counts,
+            adata.obs["bulk_labels"].astype(str).tolist())

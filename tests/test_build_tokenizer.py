@@ -1,0 +1,100 @@
+"""The vectorised tokenizer equals a plain per-cell Geneformer reference, ties and real cells included."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from build_sclibrary.tokenizer import RankValueTokenizer
+from build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.errors import LangCellError
+from tests.build_helpers import REF, pbmc68k_counts, reference_tokens
+
+
+def _synthetic(rng, n_vocab=120):
+    genes = [f"ENSG{i:011d}" for i in range(n_vocab)]
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+    tokens["<cls>"] = len(tokens)
+    # Three distinct medians only, and small counts below: most cells have tied values.
+    medians = {g: float(rng.choice([0.5, 1.0, 2.0])) for g in genes}
+    return genes, tokens, medians
+
+
+@pytest.mark.parametrize("block_nnz", [1 << 18, 37])
+def test_random_cells_with_ties_equal_reference(block_nnz):
+    rng = np.random.default_rng(1)
+    genes, tokens, medians = _synthetic(rng)
+    # Columns: vocab genes shuffled, a duplicated vocab gene, and genes outside the vocabulary.
+    gene_ids = list(rng.permutation(genes + [f"OTHER{i}" for i in range(30)])) + [genes[5]]
+    n_cells = 400
+    X = sp.random(n_cells, len(gene_ids), density=0.25, random_state=2, format="csr",
+                  data_rvs=lambda n: rng.integers(1, 4, n)).astype(np.float32)
+    X.data[X.indptr[7]:X.indptr[8]] = 0  # a cell without counts
+    X.data[::50] = 0  # explicit zeros are no counts
+    tok = RankValueTokenizer(tokens, medians, max_length=25)
+    tok._block_nnz = block_nnz  # tiny blocks: a block of one row wider than the budget, many blocks
+    for n_counts in (None, np.asarray(X.sum(axis=1)).ravel().astype(np.float32) + 7):
+        got = tok.tokenize_csr(X, gene_ids, n_counts)
+        dense = X.toarray()
+        totals = dense.sum(axis=1, dtype=np.float64) if n_counts is None else n_counts
+        ties = 0
+        for i in range(n_cells):
+            expected = reference_tokens(gene_ids, dense[i], totals[i], tokens, medians, 25)
+            assert got[i].dtype == np.int32
+            assert np.array_equal(got[i], expected), i
+            values = dense[i][[c for c, g in enumerate(gene_ids) if g in medians]]
+            ties += len(values[values > 0]) - len(np.unique(values[values > 0]))
+        assert ties > 1000  # the data really exercises tie breaking
+    assert np.array_equal(got[7], [tokens["<cls>"]])
+    lengths = [len(t) for t in got]
+    assert max(lengths) == 25 and min(lengths) == 1
+
+
+def test_unsorted_indices_and_csc_input_give_same_tokens():
+    rng = np.random.default_rng(3)
+    genes, tokens, medians = _synthetic(rng, 60)
+    X = sp.random(50, 60, density=0.3, random_state=4, format="csr",
+                  data_rvs=lambda n: rng.integers(1, 9, n)).astype(np.float32)
+    tok = RankValueTokenizer(tokens, medians)
+    expected = tok.tokenize_csr(X, genes)
+    shuffled = X.copy()
+    for i in range(shuffled.shape[0]):
+        lo, hi = shuffled.indptr[i], shuffled.indptr[i + 1]
+        perm = rng.permutation(hi - lo) + lo
+        shuffled.indices[lo:hi] = shuffled.indices[perm]
+        shuffled.data[lo:hi] = shuffled.data[perm]
+    shuffled.has_sorted_indices = False
+    for other in (shuffled, X.tocsc(), X.toarray()):
+        got = tok.tokenize_csr(other, genes)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_pbmc68k_real_cells_equal_reference():
+    X, symbols, n_counts, _ = pbmc68k_counts()
+    symbol_map = json.loads((REF / "gene_symbol_to_ensembl.json").read_text())
+    gene_ids = [symbol_map.get(s, s) for s in symbols]
+    tokens, medians = geneformer_v1_vocab()
+    tok = RankValueTokenizer(tokens, medians)
+    got = tok.tokenize_csr(X, gene_ids, n_counts)
+    dense = X.toarray()
+    assert len(got) == 700
+    for i in range(700):
+        assert np.array_equal(got[i], reference_tokens(gene_ids, dense[i], n_counts[i], tokens, medians, 2048)), i
+    lengths = np.array([len(t) for t in got])
+    assert lengths.min() > 50 and lengths.max() <= 2048
+    assert all(t[0] == 25426 for t in got)
+
+
+def test_vocab_medians_mismatch_and_missing_cls_are_refused():
+    tokens, medians = geneformer_v1_vocab()
+    broken = dict(medians)
+    broken.pop("ENSG00000000003")
+    with pytest.raises(LangCellError, match="vocab/medians mismatch"):
+        RankValueTokenizer(tokens, broken)
+    no_cls = {k: v for k, v in tokens.items() if k != "<cls>"}
+    with pytest.raises(LangCellError, match="<cls>"):
+        RankValueTokenizer(no_cls, medians)
+    tok = RankValueTokenizer(tokens, medians)
+    with pytest.raises(LangCellError, match="gene ids"):
+        tok.tokenize_csr(sp.csr_matrix((2, 3)), ["a", "b"])

@@ -89,7 +89,8 @@ class MedianSketch:
 
 def _bin_of_rank(cumulative: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Per row, the first bin whose cumulative count exceeds k (0-based rank)."""
-    return (cumulative <= k[:, None]).sum(axis=1)
+    # Genes never seen have no such bin; clip them to a valid index (their median becomes NaN).
+    return np.minimum((cumulative <= k[:, None]).sum(axis=1), cumulative.shape[1] - 1)
 
 
 def sketch_chunk(sketch: MedianSketch, X, n_counts: np.ndarray, gene_map: np.ndarray) -> None:

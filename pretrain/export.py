@@ -105,8 +105,10 @@ def _load_text_tokenizer(path: Path, text_vocab_size: int):
     except Exception:  # hub errors vary; all mean "not in the local cache"
         raise LangCellError(f"{path}: no tokenizer/ folder and {LANGCELL_TEXT_TOKENIZER} is not available "
                             "offline; save that tokenizer into EXPORT/tokenizer/") from None
-    # The tokens LangCell added to PubMedBERT's vocabulary before training (their text_bert has these rows).
-    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    # LangCell added [DEC] and [ENC] to PubMedBERT's vocabulary before training; add them when the
+    # text encoder has their two rows (text encoding itself never emits them).
+    if text_vocab_size == len(tokenizer) + 2:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     if len(tokenizer) != text_vocab_size:
         raise LangCellError(f"{path}: tokenizer has {len(tokenizer)} tokens but text_bert has {text_vocab_size}; "
                             "save the matching tokenizer into EXPORT/tokenizer/")

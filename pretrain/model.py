@@ -184,9 +184,13 @@ class TextBert(nn.Module):
             raise LangCellError(f"{folder}: no config.json; expected a text_bert/ saved by save_pretrained")
         config = BertConfig.from_json_file(str(folder / "config.json"))
         state = _read_state_dict(folder)
-        if not hasattr(config, "encoder_width"):
-            raise LangCellError(f"{folder}/config.json: missing 'encoder_width' (the cell hidden size the "
-                                "cross-attention reads); this is not a LangCell text encoder")
+        state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
+        cross_key = "encoder.layer.0.crossattention.self.key.weight"
+        if cross_key not in state:
+            raise LangCellError(f"{folder}: no cross-attention weights ({cross_key}); this is a plain BERT, "
+                                "not a LangCell text encoder")
+        # The cross-attention keys read the cell width; older configs may not record it.
+        config.encoder_width = state[cross_key].shape[1]
         config.use_token_type_embeddings = "embeddings.token_type_embeddings.weight" in state
         model = cls(config)
         _load_checked(model, state, str(folder), optional_prefixes=("pooler.",))

@@ -138,6 +138,12 @@ def _report(args, rows: list[dict]) -> str:
         lines.append(f"| {row['cells']:,} | {plain['nnz']:,} | {plain['seconds']:.1f} | {ingest['seconds']:.1f} | "
                      f"{ingest['seconds'] / plain['seconds']:.2f} | {ingest['cells'] / ingest['seconds']:,.0f} | "
                      f"{plain['peak_rss_mib']:,} | {ingest['peak_rss_mib']:,} | {row['out_bytes'] / 1e6:,.0f} |")
+    worst = max(row["ingest"]["seconds"] / row["plain"]["seconds"] for row in rows)
+    small, large = min(rows, key=lambda r: r["cells"]), max(rows, key=lambda r: r["cells"])
+    growth = large["ingest"]["peak_rss_mib"] / small["ingest"]["peak_rss_mib"]
+    lines += ["", f"Goals: ingest <= 1.5x the plain read ({'met' if worst <= 1.5 else 'NOT met'}: worst "
+              f"{worst:.2f}x); peak RSS flat in the number of cells ({large['cells'] / small['cells']:.0f}x the "
+              f"cells -> {growth:.2f}x the ingest peak RSS, set by --chunk-cells)."]
     return "\n".join(lines)
 
 

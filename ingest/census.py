@@ -659,11 +659,9 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
     indptr, indices, values = _compress_rows(source, joinids, cells, genes, data, keep_map.size)
     del cells, genes, data
     n_counts = _row_sums(indptr, values)
-    gene_index = keep_map[indices]
-    kept = gene_index >= 0
-    if kept.all():
-        indices = gene_index
-    else:
+    if not _is_identity(keep_map):
+        gene_index = keep_map[indices]
+        kept = gene_index >= 0
         # keep_map grows with the var joinid, so each row's kept genes stay ascending.
         indptr = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[indptr]
         indices, values = gene_index[kept], values[kept]
@@ -683,6 +681,12 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
                 pa.ListArray.from_arrays(offsets, pa.array(indices.astype(np.int32, copy=False))),
                 pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32, copy=False)))]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _is_identity(keep_map: np.ndarray) -> bool:
+    """True when no gene is filtered out (checked per chunk: O(genes), not O(counts))."""
+    return bool(keep_map.size == 0 or (keep_map[-1] == keep_map.size - 1
+                                       and np.array_equal(keep_map, np.arange(keep_map.size))))
 
 
 def _compress_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, data: np.ndarray,

@@ -259,9 +259,18 @@ class CensusStoreWriter:
             codes = values if isinstance(values, np.ndarray) and values.dtype.kind == "i" else self.encode(name, values)
             columns[name] = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), self._dictionaries[name])
         columns["is_primary_data"] = pa.array(np.asarray(obs["is_primary_data"], dtype=bool))
-        raw_sum = np.bincount(rows, weights=counts, minlength=n)
-        nnz = np.bincount(rows, minlength=n)
-        sq = np.bincount(rows, weights=counts.astype(np.float64) ** 2, minlength=n)
+        if len(rows) and np.any(rows[1:] < rows[:-1]):
+            raise LangCellError(f"{self.out}: chunk rows are not sorted; pass COO in row-major order")
+        # Rows are sorted, so per-cell sums are segment reductions over the non-empty rows.
+        indptr = np.searchsorted(rows, np.arange(n + 1))
+        nnz = np.diff(indptr)
+        filled = nnz > 0
+        raw_sum, sq = np.zeros(n), np.zeros(n)
+        if filled.any():
+            values = counts.astype(np.float64)
+            raw_sum[filled] = np.add.reduceat(values, indptr[:-1][filled])
+            raw_sum_sq = np.add.reduceat(values * values, indptr[:-1][filled])
+            sq[filled] = raw_sum_sq
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(nnz > 0, raw_sum / np.maximum(nnz, 1), np.nan)
             # Census's raw_variance_nnz is the sample variance over the non-zero entries.

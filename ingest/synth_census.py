@@ -314,6 +314,38 @@ def _categories(datasets, cell_types, label) -> dict[str, list[str]]:
 
 
 _JOB: dict = {}
+_BLOCK_BINS = 1 << 21
+
+
+def _sample_counts(rng, table_id, from_type, from_batch, tables, batch_table, n_genes, row_offset):
+    """COO counts (rows from `row_offset`, row-major) of cells drawing `from_type` UMIs from
+    their type-state table and `from_batch` from the dataset's table."""
+    n = len(table_id)
+    size = 1 << TABLE_BITS
+    # Cells are visited grouped by lookup table so that each gather stays inside one table
+    # (512 KiB, cache-resident) instead of jumping across all of them.
+    order = np.argsort(table_id, kind="stable")
+    per_cell = from_type[order]
+    n_type, n_batch = int(per_cell.sum()), int(from_batch.sum())
+    # One int64 key per UMI, cell * n_genes + gene, filled in place to avoid temporaries.
+    keys = np.empty(n_type + n_batch, dtype=np.int64)
+    slot = rng.integers(0, size, size=n_type, dtype=np.int32)
+    ends = np.cumsum(per_cell)
+    sorted_tid = table_id[order]
+    group_starts = np.flatnonzero(np.r_[True, sorted_tid[1:] != sorted_tid[:-1]])
+    group_ends = np.r_[group_starts[1:], n]
+    for g0, g1 in zip(group_starts, group_ends):
+        a = ends[g0 - 1] if g0 > 0 else 0
+        keys[a:ends[g1 - 1]] = tables[sorted_tid[g0]][slot[a:ends[g1 - 1]]]
+    keys[:n_type] += np.repeat(order.astype(np.int64) * n_genes, per_cell)
+    keys[n_type:] = batch_table[rng.integers(0, size, size=n_batch, dtype=np.int32)]
+    keys[n_type:] += np.repeat(np.arange(n, dtype=np.int64) * n_genes, from_batch)
+    cell_gene = np.bincount(keys, minlength=n * n_genes)
+    flat = np.flatnonzero(cell_gene)
+    rows, cols = np.divmod(flat, n_genes)
+    # int32 halves what a worker process sends back; the writer widens them again.
+    return ((rows + row_offset).astype(np.int32), cols.astype(np.int32),
+            cell_gene[flat].astype(np.float32))
 
 
 def _chunk_job(spec: tuple[int, int, int]):
@@ -335,34 +367,16 @@ def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, targe
     for tid in np.unique(table_id):
         sel = table_id == tid
         depth[sel] = np.round(np.interp(target[sel], curves[tid], _DEPTH_GRID)).astype(np.int64)
-    # Cells are processed grouped by lookup table so that each gather stays inside one table
-    # (512 KiB, cache-resident) instead of jumping across all of them.
-    size = 1 << TABLE_BITS
     from_batch = rng.binomial(depth, beta)
-    from_type = depth - from_batch
-    order = np.argsort(table_id, kind="stable")
-    per_cell = from_type[order]
-    n_type, n_batch = int(per_cell.sum()), int(from_batch.sum())
-    # One int64 key per UMI, cell * n_genes + gene, filled in place to avoid temporaries.
-    keys = np.empty(n_type + n_batch, dtype=np.int64)
-    slot = rng.integers(0, size, size=n_type, dtype=np.int32)
-    ends = np.cumsum(per_cell)
-    sorted_tid = table_id[order]
-    group_starts = np.flatnonzero(np.r_[True, sorted_tid[1:] != sorted_tid[:-1]])
-    group_ends = np.r_[group_starts[1:], n]
-    for g0, g1 in zip(group_starts, group_ends):
-        a = ends[g0 - 1] if g0 > 0 else 0
-        b = ends[g1 - 1]
-        keys[a:b] = tables[sorted_tid[g0]][slot[a:b]]
-    keys[:n_type] += np.repeat(order.astype(np.int64) * n_genes, per_cell)
-    keys[n_type:] = ds["batch_table"][rng.integers(0, size, size=n_batch, dtype=np.int32)]
-    keys[n_type:] += np.repeat(np.arange(n, dtype=np.int64) * n_genes, from_batch)
-    cell_gene = np.bincount(keys, minlength=n * n_genes)
-    flat = np.flatnonzero(cell_gene)
-    rows, cols = np.divmod(flat, n_genes)
-    # int32 halves what a worker process sends back; the writer widens them again.
-    rows, cols = rows.astype(np.int32), cols.astype(np.int32)
-    counts = cell_gene[flat].astype(np.float32)
+    # Blocks of cells keep the (cell, gene) count array small enough (<= 16 MiB) for malloc to
+    # reuse it, instead of faulting in fresh pages for every chunk.
+    block = max(1, _BLOCK_BINS // n_genes)
+    parts = [_sample_counts(rng, table_id[b:b + block], depth[b:b + block] - from_batch[b:b + block],
+                            from_batch[b:b + block], tables, ds["batch_table"], n_genes, b)
+             for b in range(0, n, block)]
+    rows = np.concatenate([p[0] for p in parts])
+    cols = np.concatenate([p[1] for p in parts])
+    counts = np.concatenate([p[2] for p in parts])
 
     def const(column, value):
         return np.full(n, codes[column][value], dtype=np.int32)

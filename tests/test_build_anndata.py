@@ -1,0 +1,61 @@
+"""A user's .h5ad -> tokens: backed chunks equal in-memory, symbols mapped, filter_pass honoured."""
+
+import anndata
+import datasets
+import numpy as np
+import pandas as pd
+
+from build_sclibrary.anndata_io import tokenize_anndata
+from build_sclibrary.tokenizer import RankValueTokenizer
+from build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.cli import main
+from tests.build_helpers import pbmc68k_counts
+
+
+def test_pbmc68k_h5ad_backed_chunks_equal_in_memory_tokens(tmp_path):
+    X, symbols, n_counts, labels = pbmc68k_counts()
+    obs = pd.DataFrame({"n_counts": n_counts, "cell_type": pd.Categorical(labels)},
+                       index=[f"c{i}" for i in range(X.shape[0])])
+    adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=symbols))
+    path = tmp_path / "pbmc.h5ad"
+    adata.write_h5ad(path)
+    tokens, medians = geneformer_v1_vocab()
+    tok = RankValueTokenizer(tokens, medians)
+    in_memory = tokenize_anndata(adata, tok)
+    expected = tok.tokenize_csr(X, _ids(symbols), n_counts)
+    assert in_memory.num_rows == 700
+    assert all(np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(in_memory["input_ids"], expected))
+    backed = tokenize_anndata(path, tok, out_dir=tmp_path / "ds", chunk_size=64)
+    assert backed["input_ids"] == in_memory["input_ids"]
+    assert backed["cell_type"] == labels and backed["length"] == [len(t) for t in expected]
+    assert datasets.load_from_disk(str(tmp_path / "ds")).num_rows == 700
+
+    adata.obs["filter_pass"] = (np.arange(700) % 3 != 0).astype(int)
+    adata.write_h5ad(path)
+    assert main(["tokenize", "--input", str(path), "--out", str(tmp_path / "cli"), "--chunk-size", "100"]) == 0
+    filtered = datasets.load_from_disk(str(tmp_path / "cli"))
+    assert filtered.num_rows == 466
+    assert filtered["cell_index"] == [i for i in range(700) if i % 3 != 0]
+    assert filtered["input_ids"] == [in_memory["input_ids"][i] for i in range(700) if i % 3 != 0]
+
+
+def _ids(symbols):
+    import json
+
+    from tests.build_helpers import REF
+
+    mapping = json.loads((REF / "gene_symbol_to_ensembl.json").read_text())
+    return [mapping.get(s, "") for s in symbols]
+
+
+def test_ensembl_ids_with_versions_and_without_n_counts(tmp_path):
+    tokens, medians = geneformer_v1_vocab()
+    tok = RankValueTokenizer(tokens, medians, max_length=16)
+    genes = [g for g in tokens if g.startswith("ENSG")][:30]
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, (12, 31)).astype(np.float32)
+    adata = anndata.AnnData(X=counts, var=pd.DataFrame(index=[g + ".7" for g in genes] + ["ENSG99999999999"]))
+    ds = tokenize_anndata(adata, tok)
+    expected = tok.tokenize_csr(counts, genes + ["ENSG99999999999"])  # totals over all 31 genes
+    assert all(np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(ds["input_ids"], expected))
+    assert max(ds["length"]) == 16

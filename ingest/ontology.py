@@ -331,6 +331,12 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     ingest = Path(ingest)
     if not ingest.is_dir():
         raise LangCellError(f"{ingest}: ingest folder not found; pass the --out folder of `langcell ingest census`")
+    manifest = ingest / "manifest.json"
+    if manifest.is_file():
+        from langcell.files import read_json
+
+        if not read_json(manifest, "ingest manifest").get("complete", False):
+            log.warning("%s: the ingest is not complete; terms cover only the parts written so far", manifest)
     by_id, cell_counts, placeholders = count_term_ids(ingest / "cells")
     resolver = make_source(source, obo)
     out_dir = ingest / "ontology"

@@ -182,7 +182,20 @@ class CensusStoreWriter:
     def __enter__(self) -> "CensusStoreWriter":
         import tiledbsoma
 
+        from langcell.files import output_lock
+
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        # One build per store: the lock lives beside the store, which is replaced at the end.
+        self._lock = output_lock(self.out.parent / f".{self.out.name}.lock")
+        self._lock.__enter__()
+        try:
+            self._create(tiledbsoma)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def _create(self, tiledbsoma) -> None:
         _remove_stale_builds(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -203,20 +216,22 @@ class CensusStoreWriter:
         self._x = x.add_new_sparse_ndarray("raw", type=pa.float32(), shape=(self.n_cells, self.n_genes),
                                            platform_config=_x_platform_config(self.n_genes))
         self._write_opts = tiledbsoma.TileDBWriteOptions(sort_coords=False)
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            try:
+                if exc_type is None:
+                    self._finish()
+            finally:
+                while _OPEN_HANDLES:
+                    _OPEN_HANDLES.pop().close()
+                self._root.close()
+                if exc_type is not None:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
             if exc_type is None:
-                self._finish()
+                self._publish()
         finally:
-            while _OPEN_HANDLES:
-                _OPEN_HANDLES.pop().close()
-            self._root.close()
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        if exc_type is None:
-            self._publish()
+            self._lock.__exit__(None, None, None)
 
     def _publish(self) -> None:
         # Move any previous store aside first so that `out` is never a half-replaced mixture.

@@ -249,7 +249,35 @@ def test_synth_is_deterministic_for_any_workers_and_rebuild_replaces(tmp_path):
     (tmp_path / ".a.building-999999999").mkdir()
     build_synth_census(tmp_path / "a", 300, seed=11, config=config, progress=False)
     assert len(_read_store(tmp_path / "a")[0]) == 300
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+    assert not [p.name for p in tmp_path.iterdir() if ".building-" in p.name or ".old-" in p.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["a", "b", "c"]
+
+
+def test_one_build_per_store(tmp_path):
+    import pandas as pd
+
+    from ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter
+
+    genes = pd.DataFrame({"feature_id": ["ENSG00000000003"], "feature_name": ["TSPAN6"],
+                          "feature_length": [0], "feature_type": ["unknown"]})
+    categories = {c: ["unknown"] for c in OBS_LABEL_COLUMNS}
+    first = CensusStoreWriter(tmp_path / "store", 1, genes, categories)
+    first.__enter__()
+    try:
+        with pytest.raises(LangCellError, match="locked by pid"):
+            CensusStoreWriter(tmp_path / "store", 1, genes, categories).__enter__()
+        obs = {c: ["unknown"] for c in OBS_LABEL_COLUMNS}
+        obs.update(is_primary_data=[True], n_measured_vars=[1])
+        first.write(obs, np.array([0]), np.array([0]), np.array([3.0]))
+    finally:
+        first.__exit__(None, None, None)
+    obs, var, X = _read_store(tmp_path / "store")
+    assert X.toarray().tolist() == [[3.0]] and obs.raw_sum.tolist() == [3.0] and var.nnz.tolist() == [1]
+    # A build that ends short of its declared cells publishes nothing.
+    with pytest.raises(LangCellError, match="0 cells written but 1 declared"):
+        with CensusStoreWriter(tmp_path / "other", 1, genes, categories):
+            pass
+    assert not (tmp_path / "other").exists()
 
 
 def test_cli_store_commands(tmp_path, capsys):

@@ -354,7 +354,7 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
             "deprecated": pa.array([t.deprecated for t in rows], pa.bool_()),
             "n_cells": pa.array([cell_counts.get(t.term_id, 0) for t in rows], pa.int64()),
             "source": [t.source for t in rows],
-        })
+        }).select(list(TERM_COLUMNS))
         terms_path = out_dir / "terms.parquet"
         with atomic_path(terms_path) as tmp:
             pq.write_table(table, tmp)

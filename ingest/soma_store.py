@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -104,7 +104,6 @@ class DatasetInfo:
     source: str
     n_cells: int
     measured_genes: np.ndarray | None = None  # gene indices the dataset measured; None = all
-    extra: dict = field(default_factory=dict)
 
 
 def _remove_stale_builds(out: Path) -> None:
@@ -129,12 +128,7 @@ def _new_dataframe(parent, name: str, schema: pa.Schema, n_rows: int):
                                         index_column_names=["soma_joinid"], domain=[(0, max(n_rows, 1) - 1)],
                                         context=parent.context)
     parent.set(name, frame, use_relative_uri=True)
-    _OPEN_HANDLES.append(frame)
     return frame
-
-
-# Handles from _new_dataframe: closed explicitly, since their parent did not open them.
-_OPEN_HANDLES: list = []
 
 
 class CensusStoreWriter:
@@ -196,6 +190,7 @@ class CensusStoreWriter:
         return self
 
     def _create(self, tiledbsoma) -> None:
+        self._frames: list = []
         _remove_stale_builds(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -209,7 +204,7 @@ class CensusStoreWriter:
         # add_new_collection creates the Experiment and registers it with .set() (relative URI,
         # so the finished folder can be moved).
         self._experiment = census_data.add_new_collection(self.organism, tiledbsoma.Experiment)
-        self._obs = _new_dataframe(self._experiment, "obs", self.schema, self.n_cells)
+        self._obs = self._frame(self._experiment, "obs", self.schema, self.n_cells)
         ms = self._experiment.add_new_collection("ms")
         self._rna = ms.add_new_collection("RNA", tiledbsoma.Measurement)
         x = self._rna.add_new_collection("X")
@@ -217,14 +212,20 @@ class CensusStoreWriter:
                                            platform_config=_x_platform_config(self.n_genes))
         self._write_opts = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
+    def _frame(self, parent, name: str, schema: pa.Schema, n_rows: int):
+        frame = _new_dataframe(parent, name, schema, n_rows)
+        # Closed explicitly in __exit__: the parent did not open them, so it does not close them.
+        self._frames.append(frame)
+        return frame
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             try:
                 if exc_type is None:
                     self._finish()
             finally:
-                while _OPEN_HANDLES:
-                    _OPEN_HANDLES.pop().close()
+                for frame in self._frames:
+                    frame.close()
                 self._root.close()
                 if exc_type is not None:
                     shutil.rmtree(self.tmp, ignore_errors=True)
@@ -284,8 +285,7 @@ class CensusStoreWriter:
         if filled.any():
             values = counts.astype(np.float64)
             raw_sum[filled] = np.add.reduceat(values, indptr[:-1][filled])
-            raw_sum_sq = np.add.reduceat(values * values, indptr[:-1][filled])
-            sq[filled] = raw_sum_sq
+            sq[filled] = np.add.reduceat(values * values, indptr[:-1][filled])
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(nnz > 0, raw_sum / np.maximum(nnz, 1), np.nan)
             # Census's raw_variance_nnz is the sample variance over the non-zero entries.
@@ -315,8 +315,6 @@ class CensusStoreWriter:
 
     # -- the tables written once every cell is in -------------------------------------------
     def _finish(self) -> None:
-        import tiledbsoma
-
         self._flush_obs()
         if self.n_written != self.n_cells:
             raise LangCellError(f"{self.out}: {self.n_written} cells written but {self.n_cells} declared")
@@ -334,7 +332,7 @@ class CensusStoreWriter:
         var["nnz"] = self.gene_nnz
         var["n_measured_obs"] = n_measured_obs
         schema = _var_schema()
-        var_df = _new_dataframe(self._rna, "var", schema, self.n_genes)
+        var_df = self._frame(self._rna, "var", schema, self.n_genes)
         var_df.write(pa.table(var, schema=schema))
         if self.datasets:
             presence = self._rna.add_new_sparse_ndarray("feature_dataset_presence_matrix", type=pa.bool_(),
@@ -342,9 +340,9 @@ class CensusStoreWriter:
             r, c = np.concatenate(presence_rows), np.concatenate(presence_cols)
             presence.write(pa.Table.from_pydict({"soma_dim_0": r, "soma_dim_1": c,
                                                  "soma_data": np.ones(len(r), dtype=bool)}))
-        self._write_census_info(tiledbsoma)
+        self._write_census_info()
 
-    def _write_census_info(self, tiledbsoma) -> None:
+    def _write_census_info(self) -> None:
         info = self._root.add_new_collection("census_info")
         summary = {"census_schema_version": "2.1.0", "total_cell_count": str(self.n_cells),
                    "unique_cell_count": str(self.n_cells), f"number_donors_{self.organism}":
@@ -353,7 +351,7 @@ class CensusStoreWriter:
         labels = list(summary)
         schema = pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False),
                             pa.field("label", pa.large_string()), pa.field("value", pa.large_string())])
-        table = _new_dataframe(info, "summary", schema, len(labels))
+        table = self._frame(info, "summary", schema, len(labels))
         table.write(pa.table({"soma_joinid": np.arange(len(labels), dtype=np.int64), "label": labels,
                               "value": [summary[k] for k in labels]}, schema=schema))
         if not self.datasets:
@@ -363,7 +361,7 @@ class CensusStoreWriter:
                               ("dataset_id", "dataset_title", "collection_name", "dataset_h5ad_path")]
                            + [pa.field("dataset_total_cell_count", pa.int64())])
         rows = self.datasets
-        table = _new_dataframe(info, "datasets", schema, len(rows))
+        table = self._frame(info, "datasets", schema, len(rows))
         table.write(pa.table({
             "soma_joinid": np.arange(len(rows), dtype=np.int64), "dataset_id": [d.dataset_id for d in rows],
             "dataset_title": [d.title for d in rows], "collection_name": [d.collection_name for d in rows],

@@ -22,7 +22,7 @@ import numpy as np
 
 from langcell.errors import LangCellError
 from eval.data import check_counts, resolve_gene_ids
-from eval.model_io import load_model
+from eval.model_io import cell_max_length, load_model
 from eval.ontology import CellOntology
 from eval.scoring import TopKScorer, pad_cells
 
@@ -86,7 +86,7 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
              cell_types: list[str] | None = None, ontology_root: str | None = None, *,
              ontology_terms: str | None = None, chunk_size: int = 4096, batch_size: int = 32,
              top_k: int | None = 5, alpha: float = 0.1, min_gene_overlap: float = 0.25,
-             max_length: int = 2048, device: str = "cpu") -> dict:
+             device: str = "cpu") -> dict:
     """Annotate `input` into `output`; returns a summary (cells, candidates, prediction counts)."""
     import h5py
     from anndata.io import read_elem, write_elem
@@ -100,7 +100,7 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
     ontology = CellOntology.load(ontology_terms)
     cands = candidate_types(cell_types, ontology_root, ontology)
     net, vocab = load_model(model, device)
-    tokenizer = make_tokenizer(vocab, max_length)
+    tokenizer = make_tokenizer(vocab, cell_max_length(net))
     scorer = TopKScorer(net, cands.texts, alpha=alpha, top_k=top_k)
     with h5py.File(input, "r") as src:
         var = read_elem(src["var"])

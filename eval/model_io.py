@@ -46,6 +46,12 @@ def load_vocab(path: Path, token_dictionary: dict | None) -> Vocab:
     return Vocab(dict(token_dictionary), medians)
 
 
+def cell_max_length(model, default: int = 2048) -> int:
+    """Tokens per cell the cell encoder accepts (its position table), at most LangCell's 2,048."""
+    config = getattr(getattr(model, "cell_bert", None), "config", None)
+    return int(min(default, getattr(config, "max_position_embeddings", default)))
+
+
 def load_model(path: str | Path, device: str = "cpu"):
     """(LangCellModel in eval mode, Vocab) for an export folder; a missing module is a LangCellError."""
     from pretrain.export import load_langcell

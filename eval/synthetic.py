@@ -38,7 +38,7 @@ def write_vocab(folder: str | Path, n_genes: int) -> Path:
 
 
 def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10, seed: int = 0,
-               types=SYNTHETIC_TYPES, ontology=None):
+               types=SYNTHETIC_TYPES, ontology=None, background: float = 0.3):
     """Raw-count AnnData: obs cell_type, cell_type_ontology_term_id, dataset_id (two batches)."""
     import anndata
     import pandas as pd
@@ -51,7 +51,7 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
     n_cells = n_per_class * len(types)
     labels = np.repeat(np.arange(len(types)), n_per_class)
     batch = rng.integers(0, 2, n_cells)
-    rate = np.full((n_cells, n_genes), 0.3)
+    rate = np.full((n_cells, n_genes), background)
     # Batch 1 raises a block of background genes that no signature uses.
     rate[batch == 1, n_genes - 15:] += 1.5
     for c in range(len(types)):
@@ -67,6 +67,15 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
     return anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
 
 
+def many_types(n: int, seed: int = 0, ontology=None) -> tuple[str, ...]:
+    """n CL cell types that have a definition, drawn with a fixed seed (for scaling benchmarks)."""
+    from eval.ontology import CellOntology
+
+    ontology = ontology or CellOntology.load()
+    pool = sorted(t for t, d in ontology.definitions.items() if d)
+    return tuple(sorted(np.random.default_rng(seed).choice(pool, n, replace=False)))
+
+
 def class_texts(labels: list[str], ontology=None) -> list[str]:
     from eval.ontology import CellOntology
 
@@ -75,7 +84,8 @@ def class_texts(labels: list[str], ontology=None) -> list[str]:
 
 
 def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int = 150, seed: int = 0,
-                      hidden: int = 32, lr: float = 2e-3, batch_size: int = 16) -> Path:
+                      hidden: int = 32, lr: float = 2e-3, batch_size: int = 16,
+                      match_negatives: int | None = None) -> Path:
     """Train a tiny LangCell model on `adata`'s cells with the few-shot loss and export it."""
     import torch
 
@@ -114,5 +124,5 @@ def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int 
     labels = np.asarray([types.index(t) for t in adata.obs["cell_type"].astype(str)])
     epochs = max(1, int(np.ceil(steps * batch_size / len(seqs))))
     train_fewshot(model, seqs, labels, class_texts(types), epochs=epochs, lr=lr, batch_size=batch_size,
-                  seed=seed, desc="tiny model", match_on_margin=True)
+                  seed=seed, desc="tiny model", match_on_margin=True, match_negatives=match_negatives)
     return save_langcell(model, out, vocab_dir=vocab_dir)

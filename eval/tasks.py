@@ -17,7 +17,7 @@ from langcell.errors import LangCellError
 from eval import metrics as M
 from eval import report as R
 from eval.data import EvalData, few_shot_split, load_eval_data, stratified_split
-from eval.model_io import Vocab, load_model
+from eval.model_io import Vocab, cell_max_length, load_model
 from eval.ontology import CellOntology, describe
 from eval.scoring import TopKScorer, fused_from_arrays, score_cells, tune_alpha
 from eval.settings import EvalConfig
@@ -67,7 +67,7 @@ def build_context(cfg: EvalConfig) -> Context:
         raise LangCellError("eval config: 'model' and 'data' are required; pass --model and --data")
     model, vocab = load_model(cfg.model, cfg.device)
     data = load_eval_data(cfg.data, vocab, cfg.label_key, cfg.batch_key, cfg.min_gene_overlap,
-                          cfg.max_cells, cfg.seed)
+                          cfg.max_cells, cfg.seed, cell_max_length(model))
     labels = data.obs[cfg.label_key].astype(str).to_numpy()
     classes = sorted(set(labels))
     if len(classes) < 2:

@@ -17,22 +17,31 @@ from eval.scoring import TEMPERATURE, pad_cells, tokenize_texts
 
 
 def fewshot_loss(model, input_ids, attention_mask, labels, text_ids, text_mask,
-                 match_on_margin: bool = False) -> torch.Tensor:
-    """LangCell's loss; `match_on_margin` feeds the matching logit margin (logit1 - logit0) to the
+                 match_on_margin: bool = False, match_negatives: int | None = None) -> torch.Tensor:
+    """LangCell's loss. Two options serve only the synthetic tiny model, never the few-shot
+    benchmark: `match_on_margin` feeds the matching logit margin (logit1 - logit0) to the
     cross-entropy instead of the probability, a much stronger signal for a head trained from
-    scratch (used for the synthetic tiny model, never for the few-shot benchmark)."""
+    scratch; `match_negatives` scores the true class and only that many most similar wrong
+    classes (hard negatives, as in pre-training), so training on 100 classes stays cheap."""
     embeds, hidden = model.encode_cells(input_ids, attention_mask)
     text_embeds = model.encode_texts(text_ids, text_mask)
     sim = embeds @ text_embeds.T / TEMPERATURE
     batch, n_classes = sim.shape
-    cells = torch.arange(batch, device=sim.device).repeat_interleave(n_classes)
-    classes = torch.arange(n_classes, device=sim.device).repeat(batch)
+    if match_negatives is not None and match_negatives + 1 < n_classes:
+        wrong = sim.detach().scatter(1, labels[:, None], float("-inf"))
+        cand = torch.cat([labels[:, None], wrong.topk(match_negatives, dim=1).indices], dim=1)
+        target = torch.zeros(batch, dtype=torch.long, device=sim.device)
+    else:
+        cand = torch.arange(n_classes, device=sim.device).repeat(batch, 1)
+        target = labels
+    cells = torch.arange(batch, device=sim.device).repeat_interleave(cand.shape[1])
+    classes = cand.reshape(-1)
     logits = model.match_logits(hidden[cells], attention_mask[cells], text_ids[classes], text_mask[classes])
     if match_on_margin:
-        match = (logits[:, 1] - logits[:, 0]).view(batch, n_classes)
+        match = (logits[:, 1] - logits[:, 0]).view(batch, -1)
     else:
-        match = F.softmax(logits, dim=-1)[:, 1].view(batch, n_classes)
-    return F.cross_entropy(sim, labels) + F.cross_entropy(match, labels)
+        match = F.softmax(logits, dim=-1)[:, 1].view(batch, -1)
+    return F.cross_entropy(sim, labels) + F.cross_entropy(match, target)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -43,7 +52,7 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epochs: int, lr: float,
                   batch_size: int, seed: int, pad_id: int = 0, desc: str = "few-shot",
-                  match_on_margin: bool = False) -> list[float]:
+                  match_on_margin: bool = False, match_negatives: int | None = None) -> list[float]:
     """Fine-tune `model` in place with LangCell's few-shot loss; returns the per-step losses."""
     from tqdm import tqdm
 
@@ -60,7 +69,8 @@ def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epoch
             for idx in _batches(len(seqs), batch_size, rng):
                 ids, mask = pad_cells([seqs[i] for i in idx], pad_id)
                 y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
-                loss = fewshot_loss(model, ids.to(device), mask.to(device), y, text_ids, text_mask, match_on_margin)
+                loss = fewshot_loss(model, ids.to(device), mask.to(device), y, text_ids, text_mask, match_on_margin,
+                                    match_negatives)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -186,7 +186,12 @@ class OboSource:
             try:
                 # import_depth=0: imported ontologies would be fetched from the network.
                 self.ontologies.append((str(item), pronto.Ontology(str(item), import_depth=0)))
-            except Exception as exc:  # pronto raises parser-specific types, and URLError for URLs
+            except OSError as exc:  # URLError and socket timeouts are OSErrors
+                if not is_url:
+                    raise LangCellError(f"{item}: cannot read ({exc}); check the file") from None
+                raise LangCellError(f"{item}: cannot download ({exc}); check the network, or download "
+                                    "the file and pass its path with --obo") from None
+            except Exception as exc:  # pronto raises parser-specific types
                 raise LangCellError(f"{item}: cannot parse as OBO/OWL ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''}); check the file or URL") from None
         self._parents_cache: dict[str, list[str] | None] = {}

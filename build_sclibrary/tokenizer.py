@@ -70,7 +70,7 @@ class RankValueTokenizer:
         self._gene_token = {g: int(token_dictionary[g]) for g in genes}
         self._plan_cache: dict[int, tuple] = {}
         # Padded elements per sort block (rows x longest row): ~40 bytes of temporaries each.
-        self._block_nnz = 1 << 18
+        self._block_nnz = 1 << 17
 
     @classmethod
     def from_vocab_dir(cls, vocab_dir: str | os.PathLike, max_length: int = 2048) -> "RankValueTokenizer":
@@ -216,15 +216,17 @@ def _rank_block(values: np.ndarray, starts: np.ndarray, take: np.ndarray, width:
     ranked = np.take_along_axis(neg, order, axis=1)
     ties = ranked[:, 1:] == ranked[:, :-1]
     ties &= np.isfinite(ranked[:, 1:])
-    if ties.any():
-        # Group ids increase along each row and from row to row; sorting (group, position)
-        # puts tied entries in ascending position (= ascending gene column) order.
-        new_group = np.ones((n_rows, width), dtype=np.int64)
-        new_group[:, 1:] = ~ties
+    tied_rows = np.flatnonzero(ties.any(axis=1))
+    if tied_rows.size:
+        # Only rows with ties are re-sorted. Group ids increase along each row and from row to
+        # row; sorting (group, position) puts tied entries in ascending position (= column) order.
+        tied = ties[tied_rows]
+        new_group = np.ones((tied_rows.size, width), dtype=np.int64)
+        new_group[:, 1:] = ~tied
         group = np.cumsum(new_group.ravel())
         bits = max(1, int(width - 1).bit_length())
-        key = (group.astype(np.uint64) << np.uint64(bits)) | order.ravel().astype(np.uint64)
+        key = (group.astype(np.uint64) << np.uint64(bits)) | order[tied_rows].ravel().astype(np.uint64)
         key.sort()
-        order = (key & np.uint64((1 << bits) - 1)).astype(np.int64).reshape(n_rows, width)
+        order[tied_rows] = (key & np.uint64((1 << bits) - 1)).astype(np.int64).reshape(tied_rows.size, width)
     keep = np.arange(width)[None, :] < take[:, None]
     return (starts[:-1, None] + order)[keep]

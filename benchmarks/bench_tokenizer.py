@@ -1,0 +1,258 @@
+"""Tokenizer throughput and peak memory: ours (sparse, chunked) vs LangCell's dense per-file tokenizer.
+
+One run, same machine, same h5ad (default 20k cells x 30k genes, ~1,800 detected genes per cell,
+Geneformer v1 vocabulary on 22k of the genes). Every case runs in its own subprocess so its peak
+RSS (`ru_maxrss`) is its own. Both tokenizers must produce the same tokens (sha256 over all
+cells' int32 tokens), or the benchmark fails.
+
+Cases:
+- `langcell-dense`: LangCell's tokenize_anndata as described by its code: read the whole h5ad,
+  densify the coding genes of the file (`X[:, coding].toarray()`), normalise by n_counts x 10,000,
+  divide by the medians, then per cell take the non-zeros and argsort them (written here from
+  that description; `kind="stable"` so ties order like ours and outputs compare exactly).
+- `ours-h5ad`: `RankValueTokenizer.tokenize_csr` over the same file read in backed mode,
+  4,096 rows at a time.
+- `ours-stream-20k` / `ours-stream-1m`: the tokenizer alone over a stream of 4,096-cell CSR
+  chunks: the file's 20k cells held in memory once and streamed 1x / 50x (1,000,000 cells), to
+  show that memory does not grow with the number of cells. Input generation is outside the timing.
+
+`python -m benchmarks.bench_tokenizer [--cells 20000] [--no-record]` writes the table into the
+"Build scLibrary (tokenizer)" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Build scLibrary (tokenizer)"
+CHUNK = 4096
+
+
+def _vocab():
+    from build_sclibrary.vocab import geneformer_v1_vocab
+
+    return geneformer_v1_vocab()
+
+
+def make_h5ad(path: Path, n_cells: int, n_genes: int, detected: int, seed: int = 0) -> None:
+    """Raw counts with ~`detected` genes per cell; n_counts = X.sum(axis=1) as LangCell's preprocess."""
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    tokens, medians = _vocab()
+    vocab_genes = [g for g in tokens if g in medians]
+    n_vocab = min(len(vocab_genes), int(n_genes * 0.73))
+    rng = np.random.default_rng(seed)
+    genes = list(rng.permutation(vocab_genes)[:n_vocab]) + [f"ENSG9{i:010d}" for i in range(n_genes - n_vocab)]
+    genes = list(rng.permutation(genes))
+    weights = rng.lognormal(0, 1.5, n_genes)
+    weights /= weights.sum()
+    blocks = []
+    for start in range(0, n_cells, 2000):
+        rows = min(2000, n_cells - start)
+        draws = int(detected * 1.12)  # draws with replacement; duplicates merge into counts
+        cols = rng.choice(n_genes, size=(rows, draws), p=weights)
+        data = rng.geometric(0.5, size=(rows, draws)).astype(np.float32)
+        indptr = np.arange(rows + 1) * draws
+        block = sp.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(rows, n_genes))
+        block.sum_duplicates()
+        blocks.append(block)
+    X = sp.vstack(blocks).tocsr()
+    obs = pd.DataFrame({"n_counts": np.asarray(X.sum(axis=1)).ravel()},  # float32, as X.sum gives
+                       index=[f"cell{i}" for i in range(n_cells)])
+    anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+
+
+class _Digest:
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.cells = 0
+        self.tokens = 0
+
+    def add(self, cell_tokens) -> None:
+        for t in cell_tokens:
+            t = np.asarray(t, dtype=np.int32)
+            self.sha.update(len(t).to_bytes(4, "little"))
+            self.sha.update(t.tobytes())
+            self.cells += 1
+            self.tokens += len(t)
+
+
+def tokenize_cell(gene_vector: np.ndarray, gene_tokens: np.ndarray) -> np.ndarray:
+    nonzero = np.nonzero(gene_vector)[0]
+    order = np.argsort(-gene_vector[nonzero], kind="stable")
+    return gene_tokens[nonzero][order]
+
+
+def langcell_dense(path: str, max_length: int = 2048) -> _Digest:
+    """LangCell-style: whole file, densified coding genes, normalise, argsort per cell."""
+    import anndata
+
+    tokens, medians = _vocab()
+    adata = anndata.read_h5ad(path)
+    var_ids = np.asarray(adata.var_names)
+    coding_loc = np.where([g in medians for g in var_ids])[0]
+    norm_factor_vector = np.array([medians[g] for g in var_ids[coding_loc]])
+    coding_tokens = np.array([tokens[g] for g in var_ids[coding_loc]])
+    n_counts = adata.obs["n_counts"].values
+    X = adata.X[:, coding_loc].toarray()
+    X_norm = X / n_counts[:, None] * 10_000 / norm_factor_vector
+    cls = np.array([tokens["<cls>"]])
+    digest = _Digest()
+    digest.add([np.concatenate([cls, tokenize_cell(X_norm[i], coding_tokens)[:max_length - 1]])
+                for i in range(X_norm.shape[0])])
+    return digest
+
+
+def ours_h5ad(path: str, max_length: int = 2048) -> _Digest:
+    import anndata
+
+    from build_sclibrary.tokenizer import RankValueTokenizer
+
+    tokens, medians = _vocab()
+    tok = RankValueTokenizer(tokens, medians, max_length=max_length)
+    adata = anndata.read_h5ad(path, backed="r")
+    gene_ids = list(adata.var_names)
+    n_counts = adata.obs["n_counts"].to_numpy()
+    digest = _Digest()
+    for start in range(0, adata.n_obs, CHUNK):
+        X = adata.X[start:start + CHUNK]
+        digest.add(tok.tokenize_csr(X, gene_ids, n_counts[start:start + CHUNK]))
+    return digest
+
+
+def ours_stream(path: str, repeats: int, max_length: int = 2048):
+    """The tokenizer alone over `repeats` passes of the file's cells in CHUNK-cell CSR chunks."""
+    import anndata
+
+    from build_sclibrary.tokenizer import RankValueTokenizer
+
+    tokens, medians = _vocab()
+    tok = RankValueTokenizer(tokens, medians, max_length=max_length)
+    adata = anndata.read_h5ad(path)
+    X, gene_ids, n_counts = adata.X, list(adata.var_names), adata.obs["n_counts"].to_numpy()
+    chunks = [(X[s:s + CHUNK], n_counts[s:s + CHUNK]) for s in range(0, X.shape[0], CHUNK)]
+    del adata, X
+    first = _Digest()  # tokens of the first pass, to compare with the other cases
+    cells = n_tokens = 0
+    elapsed = 0.0
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        for block, totals in chunks:
+            result = tok.tokenize_csr(block, gene_ids, totals)
+            cells += len(result)
+            n_tokens += sum(len(t) for t in result)
+            if repeat == 0:
+                first.add(result)
+        elapsed += time.perf_counter() - started
+    return first, cells, n_tokens, elapsed
+
+
+def run_case(case: str, path: str, repeats: int) -> dict:
+    started = time.perf_counter()
+    if case == "langcell-dense":
+        digest = langcell_dense(path)
+        seconds = time.perf_counter() - started
+        sha, cells, n_tokens = digest.sha.hexdigest(), digest.cells, digest.tokens
+    elif case == "ours-h5ad":
+        digest = ours_h5ad(path)
+        seconds = time.perf_counter() - started
+        sha, cells, n_tokens = digest.sha.hexdigest(), digest.cells, digest.tokens
+    else:
+        first, cells, n_tokens, seconds = ours_stream(path, repeats)
+        sha = first.sha.hexdigest()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"case": case, "cells": cells, "tokens": n_tokens, "seconds": round(seconds, 2),
+            "cells_per_s": round(cells / seconds, 1), "peak_rss_mb": round(peak_mb, 1), "sha256": sha}
+
+
+def _subprocess(case: str, path: Path, repeats: int = 1) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tokenizer", "--case", case, "--h5ad", str(path),
+                          "--repeats", str(repeats)], cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _record(text: str) -> None:
+    from langcell.files import atomic_write_bytes
+
+    path = ROOT / "BENCHMARKS.md"
+    content = path.read_text()
+    start = content.index(SECTION) + len(SECTION)
+    end = content.find("\n## ", start)
+    end = len(content) if end < 0 else end
+    atomic_write_bytes(path, (content[:start] + "\n" + text.rstrip() + "\n" + content[end:]).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=20_000)
+    parser.add_argument("--genes", type=int, default=30_000)
+    parser.add_argument("--detected", type=int, default=1_800)
+    parser.add_argument("--big-cells", type=int, default=1_000_000, help="cells of the long streaming case")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--h5ad", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case, args.h5ad, args.repeats)))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as tmp:
+        path = Path(tmp) / "cells.h5ad"
+        started = time.perf_counter()
+        make_h5ad(path, args.cells, args.genes, args.detected)
+        print(f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f}s",
+              flush=True)
+        repeats = max(1, round(args.big_cells / args.cells))
+        results = []
+        for case, reps in (("ours-h5ad", 1), ("langcell-dense", 1), ("ours-stream-20k", 1), ("ours-stream-1m", repeats)):
+            result = _subprocess("ours-stream" if case.startswith("ours-stream") else case, path, reps)
+            result["case"] = case
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    shas = {r["sha256"] for r in results}
+    if len(shas) != 1:
+        raise SystemExit(f"tokens differ between cases: {[(r['case'], r['sha256'][:12]) for r in results]}")
+    by = {r["case"]: r for r in results}
+    base = by["langcell-dense"]
+    mean_len = by["ours-h5ad"]["tokens"] / by["ours-h5ad"]["cells"]
+    lines = [f"`python -m benchmarks.bench_tokenizer` ({args.cells:,} cells x {args.genes:,} genes, "
+             f"~{args.detected:,} detected genes per cell, mean {mean_len:.0f} tokens per cell; "
+             f"{os.cpu_count()} cores, {platform.machine()}, one process per case; "
+             f"{dt.date.today().isoformat()}). Same tokens in every case (sha256 {base['sha256'][:12]}).", "",
+             "| case | cells | cells/s | x LangCell dense | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['case']} | {r['cells']:,} | {r['cells_per_s']:,.0f} | "
+                     f"{r['cells_per_s'] / base['cells_per_s']:.1f} | {r['peak_rss_mb']:,.0f} |")
+    lines += ["", "langcell-dense: LangCell's per-file dense tokenizer re-implemented from its description "
+              "(whole file read, coding genes densified, per-cell argsort). ours-h5ad: backed h5ad read in "
+              f"{CHUNK}-cell chunks + tokenizer. ours-stream-*: the tokenizer alone over {CHUNK}-cell CSR chunks of "
+              f"the same cells held in memory, streamed once (20k) and {repeats}x ({by['ours-stream-1m']['cells']:,} "
+              "cells); its RSS includes the 20k cells held as input."]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        _record(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

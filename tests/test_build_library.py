@@ -184,3 +184,33 @@ def test_workers_and_machine_shards_give_identical_library(tmp_path):
     assert last["complete"] is True
     for other in (two, last):
         assert other["splits"] == one["splits"]
+
+
+def test_sigkill_mid_build_then_resume_equals_clean_build(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_ingest(tmp_path / "ingest", n_cells=6000, n_parts=12, seed=6)
+    clean = build_library(tmp_path / "ingest", tmp_path / "clean", load_build_config(None, {"shard_size": 200}),
+                          progress=False)
+    code = ("import sys; from build_sclibrary.build import build_library; "
+            "from build_sclibrary.config import load_build_config; "
+            f"build_library({str(tmp_path / 'ingest')!r}, {str(tmp_path / 'lib')!r}, "
+            "load_build_config(None, {'shard_size': 200}), progress=False)")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    records = tmp_path / "lib" / "work" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(records.glob("part-*.json")) and child.poll() is None:
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = len(list(records.glob("part-*.json")))
+    assert 1 <= done < 12  # killed part-way
+    assert json.loads((tmp_path / "lib" / "manifest.json").read_text())["complete"] is False
+    resumed = build_library(tmp_path / "ingest", tmp_path / "lib", load_build_config(None, {"shard_size": 200}),
+                            progress=False)
+    assert resumed["splits"] == clean["splits"]
+    assert not list((tmp_path / "lib").rglob(".*.tmp"))

@@ -186,16 +186,21 @@ def build_demo_census(out: str | os.PathLike, progress: bool = True) -> DemoSumm
     from ingest.ontology import GuideSource
     from ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter, DatasetInfo, check_output
 
+    from tqdm import tqdm
+
     check_output(out)
+    bar = tqdm(total=3, unit="step", desc="demo-census", disable=not progress)
     guide = GuideSource()
     maps = symbol_to_ensembl()
     sources = []
     X, symbols, obs, err = load_pbmc68k()
     sources.append((PBMC68K_DATASET, *_to_ensembl(X, symbols, maps, "scanpy pbmc68k_reduced", X.shape[0],
                                                    float(X.sum()), err), obs))
+    bar.update()
     X, symbols, obs, err = load_celltypist_sample()
     sources.append((CELLTYPIST_DATASET, *_to_ensembl(X, symbols, maps, "celltypist sample_cell_by_gene",
                                                       X.shape[0], float(X.sum()), err), obs))
+    bar.update()
 
     gene_ids = sorted(set().union(*(set(s[2]) for s in sources)))
     position = {g: i for i, g in enumerate(gene_ids)}
@@ -237,6 +242,8 @@ def build_demo_census(out: str | os.PathLike, progress: bool = True) -> DemoSumm
                         "bulk_label": obs["bulk_label"].tolist(),
                         "source_total_counts": obs["source_total_counts"].to_numpy()})
         writer.write(columns, coo.row, coo.col, coo.data)
+    bar.update()
+    bar.close()
     return DemoSummary(out=Path(out), n_cells=X.shape[0], n_genes=len(gene_ids), sources=[s[4] for s in sources])
 
 

@@ -143,17 +143,29 @@ def reference_tokens(gene_ids, counts_dense_row, n_counts, tokens: dict, medians
     """Geneformer's per-cell algorithm written plainly: a stable sort of -value over the columns."""
     if not np.any(counts_dense_row):
         return np.array([tokens["<cls>"]], dtype=np.int32)
-    cols = [i for i, g in enumerate(gene_ids) if g in medians and g in tokens]
-    seen, keep = set(), []
-    for i in cols:
-        if gene_ids[i] not in seen:
-            seen.add(gene_ids[i])
-            keep.append(i)
+    keep = _vocab_columns(tuple(gene_ids), id(tokens), id(medians), tokens, medians)
     values = counts_dense_row[keep] / n_counts * 10_000 / np.array([medians[gene_ids[i]] for i in keep])
     nonzero = np.nonzero(values)[0]
     order = np.argsort(-values[nonzero], kind="stable")
     gene_tokens = np.array([tokens[gene_ids[keep[i]]] for i in nonzero[order]], dtype=np.int32)
     return np.concatenate([[tokens["<cls>"]], gene_tokens[:max_length - 1]]).astype(np.int32)
+
+
+_COLUMNS: dict = {}
+
+
+def _vocab_columns(gene_ids: tuple, tokens_id: int, medians_id: int, tokens: dict, medians: dict) -> list:
+    """First column of each vocabulary gene, in column order (cached: the tests call this per cell)."""
+    key = (gene_ids, tokens_id, medians_id)
+    if key not in _COLUMNS:
+        seen, keep = set(), []
+        for i, g in enumerate(gene_ids):
+            if g in medians and g in tokens and g not in seen:
+                seen.add(g)
+                keep.append(i)
+        _COLUMNS.clear()
+        _COLUMNS[key] = keep
+    return _COLUMNS[key]
 
 
 def rewrite_manifest(root: Path, **changes) -> None:

@@ -66,7 +66,7 @@ def _build(args: argparse.Namespace) -> int:
     config = load_build_config(args.config, overrides)
     manifest = build_library(args.ingest, args.out, config, progress=not args.quiet)
     if manifest.get("complete"):
-        counts = ", ".join(f"{s} {v['n_cells']:,}" for s, v in manifest["splits"].items())
+        counts = ", ".join(f"{s} {manifest['splits'][s]['n_cells']:,}" for s in ("train", "val", "test"))
         print(f"scLibrary written to {args.out}: {counts} cells; "
               f"{manifest['n_skipped_no_vocab_gene']:,} skipped (no vocabulary gene)")
     return 0

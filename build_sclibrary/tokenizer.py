@@ -112,7 +112,7 @@ class RankValueTokenizer:
         A cell with no expressed vocabulary gene yields just `[<cls>]`.
         """
         flat, offsets = self.tokenize_csr_flat(X, gene_ids, n_counts)
-        return np.split(flat, offsets[1:-1])
+        return np.split(flat, offsets[1:-1]) if offsets.size > 1 else []
 
     def tokenize_csr_flat(self, X, gene_ids: Sequence[str],
                           n_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

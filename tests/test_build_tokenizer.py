@@ -96,5 +96,6 @@ def test_vocab_medians_mismatch_and_missing_cls_are_refused():
     with pytest.raises(LangCellError, match="<cls>"):
         RankValueTokenizer(no_cls, medians)
     tok = RankValueTokenizer(tokens, medians)
+    assert tok.tokenize_csr(sp.csr_matrix((0, 2)), ["ENSG00000000003", "x"]) == []
     with pytest.raises(LangCellError, match="gene ids"):
         tok.tokenize_csr(sp.csr_matrix((2, 3)), ["a", "b"])

@@ -92,8 +92,12 @@ def _build(ingest_root: Path, out: Path, config: BuildConfig, shard_index: int, 
             return old
     manifest = {"format": LIB_FORMAT, "complete": False, "config": output_config,
                 "ingest": str(ingest_root.resolve()), "ingest_manifest_sha256": _ingest_sha(ingest_root)}
-    atomic_write_json(manifest_path, manifest)
-    _remove_temporaries(out)
+    if shard_count == 1 or not manifest_path.exists():
+        # A --shard run never rewrites an existing manifest: a sibling may have just completed it.
+        atomic_write_json(manifest_path, manifest)
+    if shard_count == 1:
+        # With --shard, sibling runs may be writing temporaries right now; the finalizing run cleans.
+        _remove_temporaries(out)
     load_terms(ingest_root)  # fail early, before any work, when the ontology step was not run
 
     mine = [i for i in range(len(ingest.parts)) if i % shard_count == shard_index]
@@ -115,10 +119,22 @@ def _build(ingest_root: Path, out: Path, config: BuildConfig, shard_index: int, 
         print(f"langcell build: shard {shard_index}/{shard_count} done; {missing} parts of other shards are "
               "still missing, the run that finishes last writes the library")
         return manifest
-    if shard_count > 1:
-        with output_lock(out):
-            return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
-    return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
+    if shard_count == 1:
+        return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
+    try:
+        lock = output_lock(out)
+        lock.__enter__()
+    except LangCellError:
+        print("langcell build: every part is done; another run is writing the library")
+        return manifest
+    try:
+        current = read_json(manifest_path, "scLibrary manifest")
+        if current.get("complete"):
+            return current
+        _remove_temporaries(out)
+        return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _ingest_sha(ingest_root: Path) -> str:

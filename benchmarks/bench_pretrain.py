@@ -11,7 +11,7 @@ Reported: cells/s of each (first steps skipped as warm-up), the ratio (goal >= 2
 padding share. On a GPU it also runs the `base` model in bf16 and reports MFU; without a GPU
 that part is skipped and says so.
 
-    .venv/bin/python -m benchmarks.bench_pretrain [--steps 12] [--cells 480] [--no-record]
+    .venv/bin/python -m benchmarks.bench_pretrain [--steps 8] [--cells 256] [--no-record]
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ MAX_LEN = 2048
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="training steps of each side")
+    parser.add_argument("--steps", type=int, default=8, help="training steps of each side")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the rate")
-    parser.add_argument("--cells", type=int, default=480)
+    parser.add_argument("--cells", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
@@ -146,9 +146,9 @@ def _report(args, r: dict) -> str:
         "",
         "| training step | cells/s | padding share |",
         "| --- | ---: | ---: |",
-        f"| ours (streamed, length-bucketed, dynamic padding) | {r['ours']['cells_per_s']:.1f} | "
+        f"| ours (streamed, length-bucketed, dynamic padding) | {r['ours']['cells_per_s']:.2f} | "
         f"{r['ours']['padding_share']:.1%} |",
-        f"| baseline (same model, every batch padded to 2,048, no bucketing) | {r['baseline']['cells_per_s']:.1f} | "
+        f"| baseline (same model, every batch padded to 2,048, no bucketing) | {r['baseline']['cells_per_s']:.2f} | "
         f"{r['baseline']['padding_share']:.1%} |",
         "",
         f"Ratio ours / baseline: **{r['ratio']:.2f}x** (goal >= 2x).",

@@ -112,12 +112,16 @@ class CellStream(torch.utils.data.IterableDataset):
             # With fewer shards than ranks, every rank reads all shards and keeps every world-th cell.
             by_shard = len(shards) >= self.world
             mine = shards[self.rank::self.world] if by_shard else shards
-            index = 0
+            index = kept = 0
             for sample in tarfile_samples([{"url": s} for s in mine]):
                 keep = by_shard or index % self.world == self.rank
                 index += 1
                 if keep:
+                    kept += 1
                     yield epoch, sample
+            if kept == 0:  # an endless loop over empty shards would hang every rank
+                raise LangCellError(f"{mine[0] if mine else 'shards'}: rank {self.rank} of {self.world} got no "
+                                    "cells; use fewer ranks or a library with more cells")
 
     def _shuffled(self):
         rng = np.random.default_rng([self.seed, 1, self.rank])

@@ -16,6 +16,7 @@ losses of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -176,22 +177,14 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
         sdir.mkdir(parents=True, exist_ok=True)
         run_info = {"model": asdict(model_cfg), "pretrain": asdict(cfg), "data": os.path.abspath(data)}
         if not (run / "run.json").is_file():
-            atomic_write_json(run / "run.json", run_info)
+            # run.json comes last: a run killed before it copies vocab and tokenizer again.
             shutil.copytree(Path(data) / "vocab", run / "vocab", dirs_exist_ok=True)
             load_text_tokenizer(model_cfg.text).save_pretrained(str(run / "tokenizer"))
+            atomic_write_json(run / "run.json", run_info)
     torch.distributed.barrier()
     # Only rank 0 holds the folder lock; the other ranks are the same run.
-    lock = output_lock(sdir) if rank == 0 else _null()
-    with lock:
+    with output_lock(sdir) if rank == 0 else contextlib.nullcontext():
         return _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir, rank, world, on_gpu):
@@ -250,7 +243,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     engine.train()
     device = engine.device
     summary = {}
-    window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0, "flops": 0.0}
+    window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0}
     while step < stage_cfg.max_steps:
         t0 = time.perf_counter()
         totals = {}
@@ -289,7 +282,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             rec["mfu"] = (flops_per_token * window["tokens"] / window["time"] / (cfg.peak_flops_per_device * world)
                           if on_gpu and cfg.peak_flops_per_device > 0 else None)
             summary = rec
-            window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0, "flops": 0.0}
+            window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0}
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -320,7 +313,7 @@ def _temperature(engine) -> float:
     import deepspeed
     import torch
     p = engine.module.logit_scale
-    with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _null():
+    with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext():
         return float(1.0 / torch.exp(p.detach().float().clamp(max=4.6052)))
 
 

@@ -82,7 +82,8 @@ class RankValueTokenizer:
         return cls(tokens, medians, max_length=max_length, source=str(vocab_dir))
 
     def gene_plan(self, gene_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Columns of `gene_ids` in the vocabulary (ascending), their tokens and medians.
+        """Per column of `gene_ids` its position among the vocabulary columns (-1: not in the
+        vocabulary), and per vocabulary column (ascending) its token and median.
 
         A gene id listed twice keeps its first column only, as a dict lookup by id would.
         """
@@ -99,8 +100,9 @@ class RankValueTokenizer:
             cols.append(col)
             tokens.append(token)
             medians.append(self.gene_medians[gene])
-        plan = (np.asarray(cols, dtype=np.int64), np.asarray(tokens, dtype=np.int32),
-                np.asarray(medians, dtype=np.float64))
+        position = np.full(len(gene_ids), -1, dtype=np.int64)
+        position[cols] = np.arange(len(cols))
+        plan = (position, np.asarray(tokens, dtype=np.int32), np.asarray(medians, dtype=np.float64))
         # The build calls this once per chunk with the same gene list object; keep one entry.
         self._plan_cache = {key: (gene_ids, plan)}
         return plan
@@ -134,17 +136,17 @@ class RankValueTokenizer:
         if bad.size and X[bad].count_nonzero():
             raise LangCellError("tokenize_csr: a cell with counts has a total (n_counts) <= 0; "
                                 "pass each cell's total counts over all genes")
-        cols, tokens, medians = self.gene_plan(gene_ids)
-        sub = X[:, cols] if len(cols) != n_genes else X
-        sub = sp.csr_matrix(sub)
-        if not sub.has_sorted_indices:
-            sub = sub.sorted_indices()
+        position, tokens, medians = self.gene_plan(gene_ids)
+        if not X.has_canonical_format:
+            # Unsorted columns or repeated entries: sort and sum them, as a dense matrix would hold them.
+            X = X.copy()
+            X.sum_duplicates()
         limit = self.max_length - 1
         flats, lengths = [], []
         # Row blocks of a few hundred thousand non-zeros keep every temporary cache-sized and
         # reused by the allocator; whole-chunk temporaries cost more in page faults than in math.
-        for r0, r1 in _row_blocks(sub.indptr, self._block_nnz):
-            flat, length = self._tokenize_block(sub, r0, r1, n_counts[r0:r1], tokens, medians, limit)
+        for r0, r1 in _row_blocks(X.indptr, self._block_nnz):
+            flat, length = self._tokenize_block(X, r0, r1, n_counts[r0:r1], position, tokens, medians, limit)
             flats.append(flat)
             lengths.append(length)
         flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32)
@@ -153,13 +155,15 @@ class RankValueTokenizer:
             np.cumsum(np.concatenate(lengths), out=offsets[1:])
         return flat, offsets
 
-    def _tokenize_block(self, sub, r0, r1, n_counts, tokens, medians, limit):
+    def _tokenize_block(self, X, r0, r1, n_counts, position, tokens, medians, limit):
         n_rows = r1 - r0
-        lo, hi = int(sub.indptr[r0]), int(sub.indptr[r1])
-        data = sub.data[lo:hi]
-        indices = sub.indices[lo:hi]
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(sub.indptr[r0:r1 + 1]))
-        stored = data != 0  # explicit zeros are no counts (and would be 0/0 in an empty cell)
+        lo, hi = int(X.indptr[r0]), int(X.indptr[r1])
+        data = X.data[lo:hi]
+        # Vocabulary position of each entry; it grows with the column, so rows stay in column order.
+        indices = position[X.indices[lo:hi]]
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(X.indptr[r0:r1 + 1]))
+        # Explicit zeros are no counts (and would be 0/0 in an empty cell).
+        stored = (indices >= 0) & (data != 0)
         if not stored.all():
             data, indices, rows = data[stored], indices[stored], rows[stored]
         # Same expression and operand order as Geneformer, so rounding (and ties) agree.

@@ -65,7 +65,12 @@ def test_unsorted_indices_and_csc_input_give_same_tokens():
         shuffled.indices[lo:hi] = shuffled.indices[perm]
         shuffled.data[lo:hi] = shuffled.data[perm]
     shuffled.has_sorted_indices = False
-    for other in (shuffled, X.tocsc(), X.toarray()):
+    # The same counts with one entry split in two (a non-canonical CSR): Geneformer sums them.
+    split = sp.csr_matrix((np.concatenate([X.data[:1] - 1, [1.0], X.data[1:]]).astype(np.float32),
+                           np.concatenate([X.indices[:1], X.indices[:1], X.indices[1:]]),
+                           np.concatenate([[0], X.indptr[1:] + 1])), shape=X.shape)
+    assert not split.has_canonical_format
+    for other in (shuffled, X.tocsc(), X.toarray(), split):
         got = tok.tokenize_csr(other, genes)
         assert all(np.array_equal(a, b) for a, b in zip(got, expected))
 

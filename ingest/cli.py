@@ -38,8 +38,8 @@ def _add_store_commands(commands) -> None:
                        help="override genes_detected of the config: the range of genes detected per cell "
                             "(writing time grows with it)")
     synth.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="processes generating cells while one writes; the store is the same for any N "
-                            "(default %(default)s)")
+                       help="processes generating cells and writing their counts in parallel; the store is "
+                            "the same for any N (default %(default)s)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_run_synth_census)
 

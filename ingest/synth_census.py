@@ -156,8 +156,9 @@ def type_parents(cell_types: list[str], guide) -> dict[str, str | None]:
 def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
                        config: SynthConfig | str | os.PathLike | None = None,
                        progress: bool = True, workers: int = 1) -> SynthSummary:
-    """Write a synthetic Census-schema store with `n_cells` cells at `out`; `workers` processes
-    generate chunks while this one writes (the store does not depend on `workers`)."""
+    """Write a synthetic Census-schema store with `n_cells` cells at `out`. With `workers` > 1,
+    that many processes generate chunks and write their X rows in parallel while this one writes
+    obs; the store's content does not depend on `workers`."""
     from tqdm import tqdm
 
     from ingest.ontology import GuideSource
@@ -245,31 +246,47 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
     nnz_total = 0
     # Each chunk draws from its own generator seeded by (seed, dataset, chunk), so the store is
     # the same whatever the number of workers and whichever worker makes which chunk.
-    specs = [(d, i, min(cfg.chunk_cells, ds["n_cells"] - start))
-             for d, ds in enumerate(datasets) for i, start in enumerate(range(0, ds["n_cells"], cfg.chunk_cells))]
-    _JOB.clear()
-    _JOB.update(seed=seed, datasets=datasets, tables=tables, curves=detected_curves, n_states=n_states, n_genes=G,
-                beta=cfg.batch_strength, target_lo=target_lo, target_hi=target_hi, cell_types=cell_types,
-                codes=codes, label=label)
+    specs, first_row = [], 0
+    for d, ds in enumerate(datasets):
+        for i, start in enumerate(range(0, ds["n_cells"], cfg.chunk_cells)):
+            n = min(cfg.chunk_cells, ds["n_cells"] - start)
+            specs.append((d, i, n, first_row))
+            first_row += n
+    job = dict(seed=seed, datasets=datasets, tables=tables, curves=detected_curves, n_states=n_states, n_genes=G,
+               beta=cfg.batch_strength, target_lo=target_lo, target_hi=target_hi, cell_types=cell_types,
+               codes=codes, labels=dict(label_cache), x_uri=None, tiledb_config=None)
     pool = None
-    if workers > 1:
-        import multiprocessing
-
-        # fork: workers inherit the lookup tables instead of receiving copies.
-        pool = multiprocessing.get_context("fork").Pool(workers)
     bar = tqdm(total=n_cells, unit="cell", unit_scale=True, desc="synth-census", disable=not progress)
     try:
-        chunks = pool.imap(_chunk_job, specs) if pool else map(_chunk_job, specs)
         with writer:
             for ds in datasets:
                 if ds["n_cells"]:
                     writer.add_dataset(DatasetInfo(
                         dataset_id=ds["dataset_id"], title=f"synthetic {label(ds['tissue']['tissue'])}",
                         collection_name="langcell synthetic census", source="synthetic", n_cells=ds["n_cells"]))
-            for obs, rows, cols, counts in chunks:
-                writer.write(obs, rows, cols, counts)
-                nnz_total += len(counts)
+            if workers > 1:
+                import multiprocessing
+
+                # Workers generate chunks and write their X rows themselves (one TileDB fragment
+                # each), so X writing scales with them; this process writes obs in order.
+                # spawn, not fork: a forked child must not use the parent's TileDB threads.
+                job.update(x_uri=writer.x_uri, tiledb_config=writer.tiledb_config)
+                pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
+                chunks = pool.imap(_chunk_job, specs)
+            else:
+                _init_worker(job)
+                chunks = map(_chunk_job, specs)
+            for obs, rows, cols, counts, summary in chunks:
+                if summary is None:
+                    writer.write(obs, rows, cols, counts)
+                    nnz_total += len(counts)
+                else:
+                    writer.append_written(obs, summary)
+                    nnz_total += int(summary["nnz"].sum())
                 bar.update(len(obs["is_primary_data"]))
+            if pool is not None:
+                pool.close()
+                pool.join()
     finally:
         if pool is not None:
             pool.terminate()
@@ -314,6 +331,7 @@ def _categories(datasets, cell_types, label) -> dict[str, list[str]]:
 
 
 _JOB: dict = {}
+_X_WRITER = None
 _BLOCK_BINS = 1 << 21
 
 
@@ -348,15 +366,34 @@ def _sample_counts(rng, table_id, from_type, from_batch, tables, batch_table, n_
             cell_gene[flat].astype(np.float32))
 
 
-def _chunk_job(spec: tuple[int, int, int]):
-    d, index, n = spec
+def _init_worker(job: dict) -> None:
+    global _X_WRITER
+    _JOB.clear()
+    _JOB.update(job)
+    _X_WRITER = None
+
+
+def _chunk_job(spec: tuple[int, int, int, int]):
+    """One chunk: (obs, rows, cols, counts, None), or with an X writer set up
+    (obs, None, None, None, cell summaries) after writing the rows to X here."""
+    global _X_WRITER
+    d, index, n, first_row = spec
     job = _JOB
     rng = np.random.default_rng([job["seed"], d, index])
-    return _chunk(rng, job["datasets"][d], n, job["tables"], job["curves"], job["n_states"], job["n_genes"],
-                  job["beta"], job["target_lo"], job["target_hi"], job["cell_types"], job["codes"], job["label"])
+    obs, rows, cols, counts = _chunk(rng, job["datasets"][d], n, job["tables"], job["curves"], job["n_states"],
+                                     job["n_genes"], job["beta"], job["target_lo"], job["target_hi"],
+                                     job["cell_types"], job["codes"], job["labels"])
+    if job["x_uri"] is None:
+        return obs, rows, cols, counts, None
+    from ingest.soma_store import XChunkWriter, cell_summaries
+
+    if _X_WRITER is None:
+        _X_WRITER = XChunkWriter(job["x_uri"], job["tiledb_config"])
+    _X_WRITER.write(rows.astype(np.int64) + first_row, cols, counts)
+    return obs, None, None, None, cell_summaries(rows, counts, n, job["n_genes"], cols)
 
 
-def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, target_hi, cell_types, codes, label):
+def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, target_hi, cell_types, codes, labels):
     """Obs codes and the COO counts (row-major, local rows) of `n` cells of dataset `ds`."""
     type_local = rng.choice(len(ds["types"]), size=n, p=ds["type_p"])
     type_idx = ds["types"][type_local]
@@ -382,29 +419,29 @@ def _chunk(rng, ds, n, tables, curves, n_states, n_genes, beta, target_lo, targe
         return np.full(n, codes[column][value], dtype=np.int32)
 
     def per_donor(column, key, as_label=False):
-        values = [label(d[key]) if as_label else d[key] for d in ds["donors"]]
+        values = [labels[d[key]] if as_label else d[key] for d in ds["donors"]]
         return np.array([codes[column][v] for v in values], dtype=np.int32)[donor]
 
-    type_codes = np.array([codes["cell_type"][label(t)] for t in cell_types], dtype=np.int32)
+    type_codes = np.array([codes["cell_type"][labels[t]] for t in cell_types], dtype=np.int32)
     type_id_codes = np.array([codes["cell_type_ontology_term_id"][t] for t in cell_types], dtype=np.int32)
     tissue = ds["tissue"]
     obs = {
         "dataset_id": const("dataset_id", ds["dataset_id"]),
-        "assay": const("assay", label(ds["assay"])), "assay_ontology_term_id": const("assay_ontology_term_id", ds["assay"]),
+        "assay": const("assay", labels[ds["assay"]]), "assay_ontology_term_id": const("assay_ontology_term_id", ds["assay"]),
         "cell_type": type_codes[type_idx], "cell_type_ontology_term_id": type_id_codes[type_idx],
         "development_stage": per_donor("development_stage", "stage", True),
         "development_stage_ontology_term_id": per_donor("development_stage_ontology_term_id", "stage"),
-        "disease": const("disease", label(ds["disease"])),
+        "disease": const("disease", labels[ds["disease"]]),
         "disease_ontology_term_id": const("disease_ontology_term_id", ds["disease"]),
         "donor_id": per_donor("donor_id", "donor_id"),
         "self_reported_ethnicity": per_donor("self_reported_ethnicity", "ethnicity", True),
         "self_reported_ethnicity_ontology_term_id": per_donor("self_reported_ethnicity_ontology_term_id", "ethnicity"),
         "sex": per_donor("sex", "sex", True), "sex_ontology_term_id": per_donor("sex_ontology_term_id", "sex"),
         "suspension_type": const("suspension_type", "cell"),
-        "tissue": const("tissue", label(tissue["tissue"])),
+        "tissue": const("tissue", labels[tissue["tissue"]]),
         "tissue_ontology_term_id": const("tissue_ontology_term_id", tissue["tissue"]),
         "tissue_type": const("tissue_type", "tissue"),
-        "tissue_general": const("tissue_general", label(tissue["tissue_general"])),
+        "tissue_general": const("tissue_general", labels[tissue["tissue_general"]]),
         "tissue_general_ontology_term_id": const("tissue_general_ontology_term_id", tissue["tissue_general"]),
         "is_primary_data": np.ones(n, dtype=bool),
         "n_measured_vars": np.full(n, n_genes, dtype=np.int64),

@@ -185,7 +185,8 @@ class CensusStoreWriter:
     Use as a context manager: `write(obs, rows, cols, counts)` appends one chunk (rows are local
     0..n-1 to the chunk, sorted row-major with cols ascending inside a row); on a clean exit the
     var table (with per-gene nnz), census_info and the presence matrix are written and the
-    finished store is renamed onto `out`.
+    finished store is renamed onto `out`. `trusted_coords=True` turns off TileDB's coordinate
+    checks (TRUSTED_COORDS_CONFIG) for callers whose chunks are correct by construction.
     """
 
     def __init__(self, out: str | os.PathLike, n_cells: int, genes: pd.DataFrame,

@@ -590,7 +590,10 @@ def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Call
     # GIL) while numpy builds chunk k. Writes stay in chunk order, so the file is deterministic,
     # and at most three chunks are in memory.
     # The thread pool is left (waiting for its threads) before the writer is closed, also on errors.
-    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    # Dictionary encoding only for the label columns: on the list columns it costs a third of the
+    # encoding time and saves nothing after zstd.
+    labels = [field.name for field in schema if pa.types.is_string(field.type)]
+    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=labels) as writer:
         with concurrent.futures.ThreadPoolExecutor(2) as threads:
             reading = threads.submit(_fetch_chunk, experiment, X, chunks[0], task.obs_columns)
             writing = None

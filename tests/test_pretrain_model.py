@@ -210,10 +210,15 @@ def test_missing_text_model_is_one_line_error():
         resolve_text_model_path("/nonexistent/bert-model")
 
 
-def test_model_configs_load():
+def test_shipped_configs_load():
+    from pretrain.config import load_pretrain_config
     assert load_model_config("base").cell.hidden_size == 512
     assert load_model_config("base").cell.num_hidden_layers == 12
     assert load_model_config("tiny").cell.vocab_size == 25427
+    for name in ("tiny", "demo", "base"):
+        cfg = load_pretrain_config(name)
+        assert load_model_config(cfg.model).cell.vocab_size == 25427
+        assert cfg.stage1.losses.cell_text == 0.0 and cfg.stage2.losses.ctm > 0
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

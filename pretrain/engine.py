@@ -55,6 +55,12 @@ def _init_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), on_gpu
 
 
+def _collective_device():
+    """NCCL reduces only CUDA tensors; gloo only CPU ones."""
+    import torch
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def load_deepspeed_config(name_or_path: str, on_gpu: bool) -> dict:
     path = Path(name_or_path)
     if not path.is_file():
@@ -92,7 +98,7 @@ def _check_library(data: str, vocab_size: int, rank: int, world: int):
         verify_shards(shards[rank::world], data)
     except LangCellError as exc:
         error = str(exc)
-    flag = torch.tensor([1 if error else 0])
+    flag = torch.tensor([1 if error else 0], device=_collective_device())
     torch.distributed.all_reduce(flag)
     if flag.item():
         raise LangCellError(error or f"{data}: a shard failed its checksum on another rank; see that rank's log")
@@ -263,8 +269,10 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         step += 1
         # One all-reduce per step: losses averaged over ranks, counts summed.
         keys = sorted(totals)
-        packed = torch.tensor([totals[k] / world for k in keys] + counts.tolist(), dtype=torch.float64)
+        packed = torch.tensor([totals[k] / world for k in keys] + counts.tolist(), dtype=torch.float64,
+                              device=_collective_device())
         torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
         losses = dict(zip(keys, packed[: len(keys)].tolist()))
         cells, tokens, padded = packed[len(keys):].tolist()
         dt = time.perf_counter() - t0

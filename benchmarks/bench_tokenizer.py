@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.case, args.h5ad, args.repeats)))
         return 0
 
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as tmp:
         path = Path(tmp) / "cells.h5ad"
         started = time.perf_counter()
@@ -258,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{CHUNK}-cell chunks + tokenizer. ours-stream-*: the tokenizer alone over {CHUNK}-cell CSR chunks of "
               f"the same cells held in memory, streamed once (20k) and {repeats}x ({by['ours-stream-1m']['cells']:,} "
               "cells); its RSS includes the 20k cells held as input."]
+    ours = [by["ours-h5ad"], by["ours-stream-20k"], by["ours-stream-1m"]]
+    speedups = [r["cells_per_s"] / base["cells_per_s"] for r in ours]
+    peak = max(r["peak_rss_mb"] for r in ours)
+    flat = by["ours-stream-1m"]["peak_rss_mb"] - by["ours-stream-20k"]["peak_rss_mb"]
+    lines += ["", f"Goals: throughput >= 20x LangCell dense: {'met' if min(speedups) >= 20 else 'NOT met'} "
+              f"({min(speedups):.1f}x..{max(speedups):.1f}x); peak RSS < 1.5 GB: "
+              f"{'met' if peak < 1536 else 'NOT met'} ({peak:,.0f} MB); RSS from 20k to "
+              f"{by['ours-stream-1m']['cells']:,} cells: {flat:+.1f} MB. Load average before the run: "
+              f"{load:.1f} (shared machine; both tokenizers ran under the same load)."]
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

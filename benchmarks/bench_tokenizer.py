@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     flat = by["ours-stream-1m"]["peak_rss_mb"] - by["ours-stream-20k"]["peak_rss_mb"]
     lines += ["", f"Goals: throughput >= 20x LangCell dense: {'met' if min(speedups) >= 20 else 'NOT met'} "
               f"({min(speedups):.1f}x..{max(speedups):.1f}x); peak RSS < 1.5 GB: "
-              f"{'met' if peak < 1536 else 'NOT met'} ({peak:,.0f} MB); RSS from 20k to "
+              f"{'met' if peak < 1536 else 'NOT met'} ({peak:,.0f} MB); RSS from {args.cells:,} to "
               f"{by['ours-stream-1m']['cells']:,} cells: {flat:+.1f} MB. Load average before the run: "
               f"{load:.1f} (shared machine; both tokenizers ran under the same load)."]
     text = "\n".join(lines)

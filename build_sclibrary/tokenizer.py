@@ -158,27 +158,27 @@ class RankValueTokenizer:
     def _tokenize_block(self, X, r0, r1, n_counts, position, tokens, medians, limit):
         n_rows = r1 - r0
         lo, hi = int(X.indptr[r0]), int(X.indptr[r1])
-        data = X.data[lo:hi]
+        row_len = np.diff(X.indptr[r0:r1 + 1])
         # Vocabulary position of each entry; it grows with the column, so rows stay in column order.
         indices = position[X.indices[lo:hi]]
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(X.indptr[r0:r1 + 1]))
-        # Explicit zeros are no counts (and would be 0/0 in an empty cell).
-        stored = (indices >= 0) & (data != 0)
-        if not stored.all():
-            data, indices, rows = data[stored], indices[stored], rows[stored]
-        # Same expression and operand order as Geneformer, so rounding (and ties) agree.
-        values = data / n_counts[rows] * TARGET_SUM / medians[indices]
-        keep = values != 0
-        if not keep.all():
-            values, indices, rows = values[keep], indices[keep], rows[keep]
-        counts = np.bincount(rows, minlength=n_rows)
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), row_len)
+        # Same expression and operand order as Geneformer, so rounding (and ties) agree. Entries
+        # outside the vocabulary (position -1 reads a wrong median) and explicit zeros (0/0 in an
+        # empty cell) are masked rather than compressed out: masking is a fraction of the cost.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = X.data[lo:hi] / n_counts[rows] * TARGET_SUM / medians[indices]
+        valid = (indices >= 0) & (values > 0)
+        all_valid = bool(valid.all())
+        counts = row_len if all_valid else np.bincount(rows, weights=valid, minlength=n_rows).astype(np.int64)
         take = np.minimum(counts, limit)
-        width = int(counts.max()) if n_rows else 0
-        kept = min(width, limit)
+        width = int(row_len.max()) if n_rows else 0
+        kept = min(int(counts.max()) if n_rows else 0, limit)
         out = np.empty((n_rows, kept + 1), dtype=np.int32)
         out[:, 0] = self.cls_id
-        if width:
-            out[:, 1:] = _ranked_tokens(values, rows, counts, tokens[indices], width)[:, :kept]
+        if kept:
+            neg = -values if all_valid else np.where(valid, -values, np.inf)
+            starts = (X.indptr[r0:r1] - lo).astype(np.int64)
+            out[:, 1:] = _ranked_tokens(neg, rows, starts, tokens[indices], width)[:, :kept]
         length = take + 1
         # Row-major boolean selection keeps each row's <cls> and its first `take` tokens, in order.
         flat = out[np.arange(kept + 1)[None, :] < length[:, None]]
@@ -203,23 +203,22 @@ def _row_blocks(indptr: np.ndarray, block_nnz: int):
         r0 = r1
 
 
-def _ranked_tokens(values: np.ndarray, rows: np.ndarray, counts: np.ndarray, entry_tokens: np.ndarray,
+def _ranked_tokens(neg: np.ndarray, rows: np.ndarray, starts: np.ndarray, entry_tokens: np.ndarray,
                    width: int) -> np.ndarray:
-    """Per row, its entries' tokens ordered by value (largest first; ties: entry order), padded.
+    """Per row, its entries' tokens ordered by -`neg` (largest first; ties: entry order), padded.
 
-    The rows are padded into a dense (rows x width) matrix and sorted row-wise with numpy's SIMD
-    argsort, several times faster than a global lexsort; runs of equal values are then put back
-    into entry (= gene column) order, so the result equals a stable sort of each row.
+    `neg` is minus each entry's value, +inf for entries to leave out (they sort last, with the
+    padding). The rows are padded into a dense (rows x width) matrix and sorted row-wise with
+    numpy's SIMD argsort, several times faster than a global lexsort; runs of equal values are
+    then put back into entry (= gene column) order, so the result equals a stable sort of each row.
     """
-    n_rows = counts.size
-    starts = np.zeros(n_rows, dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
+    n_rows = starts.size
     slot = rows * width + (np.arange(rows.size, dtype=np.int64) - starts[rows])
-    neg = np.full(n_rows * width, np.inf)
-    neg[slot] = -values
-    neg = neg.reshape(n_rows, width)
-    order = np.argsort(neg, axis=1)
-    ranked = np.take_along_axis(neg, order, axis=1)
+    padded = np.full(n_rows * width, np.inf)
+    padded[slot] = neg
+    padded = padded.reshape(n_rows, width)
+    order = np.argsort(padded, axis=1)
+    ranked = np.take_along_axis(padded, order, axis=1)
     # Padding (+inf) sorts last and is never compared as a tie: a tie needs a finite right side.
     ties = ranked[:, 1:] == ranked[:, :-1]
     ties &= ranked[:, 1:] != np.inf
@@ -234,6 +233,6 @@ def _ranked_tokens(values: np.ndarray, rows: np.ndarray, counts: np.ndarray, ent
         key = (group.astype(np.uint64) << np.uint64(bits)) | order[tied_rows].ravel().astype(np.uint64)
         key.sort()
         order[tied_rows] = (key & np.uint64((1 << bits) - 1)).astype(np.int64).reshape(tied_rows.size, width)
-    padded = np.zeros(n_rows * width, dtype=np.int32)
-    padded[slot] = entry_tokens
-    return np.take_along_axis(padded.reshape(n_rows, width), order, axis=1)
+    token_matrix = np.zeros(n_rows * width, dtype=np.int32)
+    token_matrix[slot] = entry_tokens
+    return np.take_along_axis(token_matrix.reshape(n_rows, width), order, axis=1)

@@ -47,7 +47,15 @@ def test_manifest_counts_checksums_and_vocab(built):
     assert manifest["vocab_sha256"]["token_dictionary.json"] == sha256_file(lib / "vocab" / "token_dictionary.json")
     assert not (lib / "work" / "hf").exists()
     assert (lib / "stats.png").stat().st_size > 10_000
-    assert "| train | " in (lib / "stats.md").read_text()
+    stats = manifest["stats"]
+    assert stats["cells_per_split"] == {s: manifest["splits"][s]["n_cells"] for s in ("train", "val", "test")}
+    lengths = [n for s in ("train", "val", "test") for n in datasets.load_from_disk(str(lib / "hf" / s))["length"]]
+    assert stats["token_length"]["max"] == max(lengths) and stats["token_length"]["min"] == min(lengths)
+    assert stats["token_length"]["mean"] == round(float(np.mean(lengths)), 2)
+    assert stats["n_cell_types"] == 4 and stats["n_diseases"] == 2
+    report = (lib / "stats.md").read_text()
+    assert f"| train | {manifest['splits']['train']['n_cells']:,} | {len(manifest['splits']['train']['shards'])} |" in report
+    assert "skipped (no expressed vocabulary gene): 3." in report
 
 
 def test_shards_hold_reference_tokens_meta_and_texts(built):

@@ -110,13 +110,15 @@ def _check_counts(X: sp.csr_matrix, source: str, layer: str | None) -> None:
 
 def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str | os.PathLike | None = None,
                      chunk_size: int = 2048, layer: str | None = None, gene_column: str | None = None,
-                     obs_columns: list[str] | None = None, min_gene_match: float = 0.5, progress: bool = False):
+                     obs_columns: list[str] | None = None, min_gene_match: float = 0.5, progress: bool = False,
+                     report: dict | None = None):
     """Rank-value tokens of every cell (passing `filter_pass` when present) as a `datasets.Dataset`
     with `input_ids`, `length`, `cell_index` (row in the AnnData) and the obs columns.
 
     With `out_dir` the dataset is saved there (`load_from_disk` reads it) and returned memory-mapped;
     otherwise it is built in memory. `n_counts` comes from obs when present, else the row sums of
-    all genes. Cells with no expressed vocabulary gene get just `<cls>` (length 1).
+    all genes. Cells with no expressed vocabulary gene get just `<cls>` (length 1). A `report`
+    dict receives the gene match (n_genes, n_matched, share, matched_by) and cell counts.
     """
     import datasets
     from tqdm import tqdm
@@ -131,6 +133,9 @@ def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str 
     if layer is not None and layer not in adata.layers:
         raise LangCellError(f"{source}: no layer {layer!r}; available: {', '.join(adata.layers.keys()) or 'none'}")
     match = match_genes(var_names, tokenizer, source, min_gene_match)
+    if report is not None:
+        report.update(n_genes=match.n_genes, n_matched=match.n_matched, share=round(match.share, 4),
+                      matched_by=match.kind)
     obs = adata.obs
     keep = np.ones(adata.n_obs, dtype=bool)
     if "filter_pass" in obs.columns:
@@ -140,6 +145,9 @@ def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str 
     if missing:
         raise LangCellError(f"{source}: obs has no column {missing[0]!r}; pass existing obs columns")
     obs_n_counts = obs["n_counts"].to_numpy() if "n_counts" in obs.columns else None
+    if report is not None:
+        report.update(n_cells=int(adata.n_obs), n_cells_kept=int(keep.sum()),
+                      n_counts_from="obs.n_counts" if obs_n_counts is not None else "row sums")
 
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32())), pa.field("length", pa.int64()),
                         pa.field("cell_index", pa.int64())] + [pa.field(str(c), _arrow_type(obs[c])) for c in columns])

@@ -21,7 +21,11 @@ def test_pbmc68k_h5ad_backed_chunks_equal_in_memory_tokens(tmp_path):
     adata.write_h5ad(path)
     tokens, medians = geneformer_v1_vocab()
     tok = RankValueTokenizer(tokens, medians)
-    in_memory = tokenize_anndata(adata, tok)
+    report = {}
+    in_memory = tokenize_anndata(adata, tok, report=report)
+    mapped = sum(1 for g in _ids(symbols) if g in medians)
+    assert report["n_matched"] == mapped and report["n_genes"] == 765 and report["matched_by"] == "symbol"
+    assert report["share"] == round(mapped / 765, 4) and report["share"] > 0.9
     expected = tok.tokenize_csr(X, _ids(symbols), n_counts)
     assert in_memory.num_rows == 700
     assert all(np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(in_memory["input_ids"], expected))

@@ -10,6 +10,8 @@ from typing import Any
 from langcell.config import from_dict, load_yaml
 from langcell.errors import LangCellError
 
+from build_sclibrary.ingest_io import ASPECTS
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "build"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 SPLITS = ("train", "val", "test")
@@ -90,8 +92,6 @@ def load_build_config(path: str | None = None, overrides: dict[str, Any] | None 
 
 def load_text_config(path: str) -> TextConfig:
     config = from_dict(TextConfig, load_yaml(path), str(path))
-    from build_sclibrary.ingest_io import ASPECTS
-
     missing = [a for a in ASPECTS if a not in config.prefixes]
     if missing:
         raise LangCellError(f"{path}: prefixes has no entry for aspect {missing[0]!r}; add one")

@@ -25,7 +25,6 @@ ASPECTS = ("cell_type", "tissue", "disease", "development_stage", "sex", "assay"
 META_COLUMNS = tuple(c for a in ASPECTS for c in (a, f"{a}_ontology_term_id")) + ("dataset_id", "donor_id")
 REQUIRED_COLUMNS = ("soma_joinid", "n_counts", "gene_index", "counts", "dataset_id", "cell_type",
                     "cell_type_ontology_term_id")
-GENE_COLUMNS = ("gene_index", "feature_id", "feature_name", "feature_biotype")
 
 
 @dataclass

@@ -22,7 +22,6 @@ from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, s
 from build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
 
 REFERENCE_DIR = Path(__file__).parent / "reference" / "geneformer_v1"
-VOCABS = ("geneformer-v1", "corpus")
 CODING_BIOTYPES = frozenset({"protein_coding", "miRNA"})
 UNKNOWN_BIOTYPES = frozenset({"", "unknown", "none", "nan", "na"})
 

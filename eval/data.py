@@ -104,15 +104,14 @@ def rank_pseudo_expression(input_ids, vocab_size: int, special_ids=(0, 1)):
     """[cells, vocab] CSR: the gene at rank r of a cell with L genes gets (L - r) / L."""
     import scipy.sparse as sp
 
-    rows, cols, vals = [], [], []
-    special = set(special_ids)
-    for i, seq in enumerate(input_ids):
-        genes = [int(t) for t in seq[1:] if int(t) not in special]  # seq[0] is <cls>
-        n = len(genes)
-        rows.extend([i] * n)
-        cols.extend(genes)
-        vals.extend((n - np.arange(n)) / max(n, 1))
-    return sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(len(input_ids), vocab_size))
+    genes = [np.asarray(seq[1:], dtype=np.int64) for seq in input_ids]  # seq[0] is <cls>
+    genes = [g[~np.isin(g, special_ids)] for g in genes]
+    lengths = np.array([len(g) for g in genes], dtype=np.int64)
+    cols = np.concatenate(genes) if genes else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(genes)), lengths)
+    rank = np.arange(len(cols)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    vals = (np.repeat(lengths, lengths) - rank) / np.maximum(np.repeat(lengths, lengths), 1)
+    return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=(len(genes), vocab_size))
 
 
 def make_tokenizer(vocab, max_length: int = 2048):
@@ -140,7 +139,7 @@ def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> Ev
                     "log1p_cp10k", str(path))
 
 
-def load_hf(path: Path, vocab) -> EvalData:
+def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0) -> EvalData:
     import datasets
 
     if (path / "dataset_dict.json").is_file():
@@ -152,6 +151,9 @@ def load_hf(path: Path, vocab) -> EvalData:
         raise LangCellError(f"{path}: not a `datasets` folder; pass LIB/hf/<split> or an .h5ad") from None
     if "input_ids" not in ds.column_names:
         raise LangCellError(f"{path}: no 'input_ids' column; pass a tokenized split from `langcell build`")
+    if max_cells is not None and len(ds) > max_cells:
+        # Subsample before anything is materialised: a test split can hold millions of cells.
+        ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_cells, replace=False)))
     obs = ds.remove_columns(["input_ids"]).to_pandas()
     ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
     expr = rank_pseudo_expression(ids, max(vocab.token_dictionary.values()) + 1)
@@ -165,7 +167,7 @@ def load_eval_data(path, vocab, label_key: str | None = "cell_type", batch_key: 
     path = Path(path)
     if not path.exists():
         raise LangCellError(f"{path}: data not found; pass LIB/hf/<split> or an .h5ad file")
-    data = load_h5ad(path, vocab, min_gene_overlap, max_length) if path.suffix == ".h5ad" else load_hf(path, vocab)
+    data = load_h5ad(path, vocab, min_gene_overlap, max_length) if path.suffix == ".h5ad" else load_hf(path, vocab, max_cells, seed)
     for key, what in ((label_key, "--label-key"), (batch_key, "--batch-key")):
         if key is not None and key not in data.obs.columns:
             raise LangCellError(f"{path}: column '{key}' missing; pass {what} with one of "

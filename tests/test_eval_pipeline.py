@@ -155,3 +155,35 @@ def test_annotate_writes_obsm_when_the_input_has_none(world, tmp_path):
     got = anndata.read_h5ad(tmp_path / "bare_out.h5ad")
     assert got.obsm["X_langcell"].shape[0] == got.n_obs
     assert set(got.obs["langcell_prediction"].astype(str)) <= {"B cell", "platelet"}
+
+
+def test_library_split_reads_type2text_and_novel_types_from_the_manifest(world, tmp_path):
+    import datasets
+
+    from build_sclibrary.tokenizer import RankValueTokenizer
+    from eval.synthetic import class_texts
+
+    ad = world["adata"]
+    lib = tmp_path / "LIB"
+    seqs = RankValueTokenizer.from_vocab_dir(world["root"] / "vocab").tokenize_csr(ad.X, list(ad.var_names))
+    datasets.Dataset.from_dict({
+        "input_ids": [s.tolist() for s in seqs], "length": [len(s) for s in seqs],
+        "soma_joinid": list(range(ad.n_obs)), **{c: ad.obs[c].astype(str).tolist() for c in ad.obs.columns},
+    }).save_to_disk(str(lib / "hf" / "test"))
+    labels = sorted(ad.obs["cell_type"].unique())
+    (lib / "type2text.json").write_text(json.dumps(dict(zip(labels, class_texts(labels)))))
+    (lib / "manifest.json").write_text(json.dumps({"format": "langcell-sclibrary/1",
+                                                   "config": {"holdout_cell_types": ["CL:0000233"]}}))
+    from_lib = run_task("zero-shot", world["export"], lib / "hf" / "test", tmp_path / "r_lib", config="smoke")["zero-shot"]
+    from_h5ad = run_task("zero-shot", world["export"], world["test"], tmp_path / "r_h5ad", config="smoke",
+                         zero_shot={"top_k": 3, "novel_types": []})["zero-shot"]
+    assert set(from_lib["text_sources"].values()) == {"type2text"}
+    assert set(from_h5ad["text_sources"].values()) == {"ontology"}
+    assert from_lib["novel_types"] == ["platelet"] and from_lib["seen_vs_novel"]["novel"]["n_cells"] == 25
+    # Same tokens and the same texts: the HF split and the .h5ad give the same answer.
+    assert from_lib["confusion"] == from_h5ad["confusion"]
+    assert from_lib["accuracy"] == pytest.approx(from_h5ad["accuracy"])
+    # A subsample is drawn before the split is materialised.
+    model, vocab = load_model(world["export"])
+    sub = load_eval_data(lib / "hf" / "test", vocab, "cell_type", "dataset_id", max_cells=40)
+    assert len(sub) == 40 and sub.expression_kind == "rank_pseudo" and sub.expression.shape[0] == 40

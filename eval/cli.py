@@ -1,7 +1,6 @@
 """`langcell eval <task>` and `langcell annotate`: argparse only; the work is in eval.suite / eval.annotate."""
 
 import argparse
-import json
 
 TASK_NAMES = ("zero-shot", "few-shot", "finetune", "retrieval", "integration", "suite")
 
@@ -40,6 +39,8 @@ def add_commands(subparsers) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import json
+
     from eval.suite import run_suite, run_tasks
     from eval.settings import load_eval_config
 
@@ -57,6 +58,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
+    import json
+
     from eval.annotate import annotate
 
     summary = annotate(args.model, args.input, args.output, args.cell_types, args.ontology_root,

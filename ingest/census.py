@@ -274,7 +274,7 @@ def _open_handle(source: Source):
 def _experiment(census, source: Source, organism: str):
     try:
         experiment = census["census_data"][organism]
-        experiment.ms["RNA"].X["raw"]
+        experiment.ms["RNA"].X["raw"]  # looked up now so a missing layer fails here, with this message
     except Exception:
         raise LangCellError(f"{source.describe()}: no census_data/{organism} experiment with measurement RNA "
                             "and X layer 'raw'; pass a store laid out like the Census or another "

@@ -11,6 +11,10 @@ become `hf/{split}` (`datasets.save_to_disk`), and `type2text.json`, `text_varia
 
 `--shard i/N` builds the parts with index % N == i (one machine each, same output folder on a
 shared file system); the run that finds every part done finalizes.
+
+Several ingest folders build one library: their parts are numbered globally in the order given
+(ingest 0's parts first), each part is tokenized with its own ingest's genes, and cells are
+keyed by `ingest * KEY_STRIDE + soma_joinid` because every store numbers its cells from 0.
 """
 
 from __future__ import annotations
@@ -40,15 +44,25 @@ from build_sclibrary.texts import TextBuilder, load_terms
 from build_sclibrary.tokenizer import RankValueTokenizer
 
 LIB_FORMAT = "langcell-sclibrary/1"
+# Cell key with several ingests: ingest i's cell j is i * KEY_STRIDE + j. The key stays an integer
+# (pretrain reads int(__key__)) and ingest 0 keeps its plain soma_joinids; Census joinids are ~1e8.
+KEY_STRIDE = 10**12
 TEXT_BIN = 16  # characters per bin of the text-length histogram
 TEXT_BINS = 256
 
 
-def hf_schema() -> pa.Schema:
+def hf_schema(multi: bool = False) -> pa.Schema:
     fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("length", pa.int64()),
               pa.field("soma_joinid", pa.int64())]
     fields += [pa.field(name, pa.string()) for name in ingest_io.META_COLUMNS]
+    if multi:
+        fields.append(pa.field("ingest", pa.int64()))
     return pa.schema(fields)
+
+
+def cell_key(ingest_index: int | None, soma_joinid: int | np.ndarray) -> int | np.ndarray:
+    """The library-wide cell id (`__key__`); `ingest_index` None for a one-ingest library."""
+    return soma_joinid if not ingest_index else ingest_index * KEY_STRIDE + soma_joinid
 
 
 @dataclass
@@ -63,64 +77,121 @@ class _PartJob:
     config: dict
     vocab_sha: dict
     text_config: dict = field(default_factory=dict)
+    # Position of the part's ingest when the library has several, else None (keys stay soma_joinids).
+    ingest_index: int | None = None
+    term_roots: list = field(default_factory=list)
 
 
-def build_library(ingest_dir: str | os.PathLike, out_dir: str | os.PathLike, config: BuildConfig | None = None,
-                  progress: bool = True) -> dict:
-    """Build scLibrary from `ingest_dir` into `out_dir`; returns the manifest (complete or, for a
-    `--shard` run whose siblings are not finished, the incomplete one)."""
+class _Parts:
+    """Every part of every ingest, in global order (the index of work/parts/part-NNNNN.json)."""
+
+    def __init__(self, ingests: list[ingest_io.Ingest]):
+        self.ingests = ingests
+        self.owner = [k for k, ingest in enumerate(ingests) for _ in ingest.parts]
+        self._parts = [part for ingest in ingests for part in ingest.parts]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.ingests) > 1
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def part(self, g: int) -> dict:
+        return self._parts[g]
+
+    def ingest(self, g: int) -> ingest_io.Ingest:
+        return self.ingests[self.owner[g]]
+
+    def ingest_index(self, g: int) -> int | None:
+        return self.owner[g] if self.multi else None
+
+
+def build_library(ingest_dir: str | os.PathLike | list, out_dir: str | os.PathLike,
+                  config: BuildConfig | None = None, progress: bool = True) -> dict:
+    """Build scLibrary from one ingest folder, or a list of them, into `out_dir`; returns the
+    manifest (complete or, for a `--shard` run whose siblings are not finished, the incomplete one)."""
     config = config or BuildConfig()
+    roots = [Path(p) for p in ingest_dir] if isinstance(ingest_dir, (list, tuple)) else [Path(ingest_dir)]
+    if not roots:
+        raise LangCellError("--ingest: no ingest folder given; pass at least one `langcell ingest` output folder")
+    resolved = [r.resolve() for r in roots]
+    for k, root in enumerate(resolved):
+        if root in resolved[:k]:
+            raise LangCellError(f"{roots[k]}: ingest folder given twice; every cell would appear twice, "
+                                "pass each folder once")
     out = Path(out_dir)
     shard_index, shard_count = parse_shard(config.shard)
     lock_dir = out if shard_count == 1 else out / "work" / "locks" / f"shard-{shard_index}-of-{shard_count}"
     with output_lock(lock_dir):
-        return _build(Path(ingest_dir), out, config, shard_index, shard_count, progress)
+        return _build(roots, out, config, shard_index, shard_count, progress)
 
 
-def _build(ingest_root: Path, out: Path, config: BuildConfig, shard_index: int, shard_count: int,
+def _ingest_fields(roots: list[Path]) -> dict:
+    """How the manifest names its input: `ingest` for one folder (as before), `ingests` for several."""
+    if len(roots) == 1:
+        return {"ingest": str(roots[0].resolve()), "ingest_manifest_sha256": _ingest_sha(roots[0])}
+    return {"ingests": [{"path": str(r.resolve()), "manifest_sha256": _ingest_sha(r)} for r in roots]}
+
+
+def _ingest_identity(manifest: dict) -> list:
+    # Checksums in order, not paths: a moved ingest folder is the same input, a reordered list is
+    # not (keys carry the ingest's position).
+    if "ingests" in manifest:
+        return [entry.get("manifest_sha256") for entry in manifest["ingests"]]
+    return [manifest.get("ingest_manifest_sha256")]
+
+
+def _build(roots: list[Path], out: Path, config: BuildConfig, shard_index: int, shard_count: int,
            progress: bool) -> dict:
-    ingest = ingest_io.open_ingest(ingest_root)
+    ingests = [ingest_io.open_ingest(root) for root in roots]
+    parts = _Parts(ingests)
     text_config = load_text_config(config.texts)
     output_config = dict(config.output_config(), texts=text_config.__dict__)
     manifest_path = out / "manifest.json"
+    inputs = _ingest_fields(roots)
     if manifest_path.exists():
         old = read_json(manifest_path, "scLibrary manifest")
-        if old.get("config") != output_config or old.get("ingest_manifest_sha256") != _ingest_sha(ingest_root):
+        if old.get("config") != output_config or _ingest_identity(old) != _ingest_identity(inputs):
             raise LangCellError(f"{manifest_path}: this folder was built with another configuration or ingest; "
                                 "use a new --out folder or repeat the original options")
         if old.get("complete"):
             return old
-    manifest = {"format": LIB_FORMAT, "complete": False, "config": output_config,
-                "ingest": str(ingest_root.resolve()), "ingest_manifest_sha256": _ingest_sha(ingest_root)}
+    manifest = {"format": LIB_FORMAT, "complete": False, "config": output_config, **inputs}
     if shard_count == 1 or not manifest_path.exists():
         # A --shard run never rewrites an existing manifest: a sibling may have just completed it.
         atomic_write_json(manifest_path, manifest)
     if shard_count == 1:
         # With --shard, sibling runs may be writing temporaries right now; the finalizing run cleans.
         _remove_temporaries(out)
-    load_terms(ingest_root)  # fail early, before any work, when the ontology step was not run
+    for root in roots:
+        load_terms(root)  # fail early, before any work, when the ontology step was not run
 
-    mine = [i for i in range(len(ingest.parts)) if i % shard_count == shard_index]
-    vocab_sha = _prepare_vocab(ingest, out, config, mine, progress)
-    codes = _plan_splits(ingest, config)
+    mine = [i for i in range(len(parts)) if i % shard_count == shard_index]
+    # Splits first: reading every part's obs also checks the joinids before the median pass.
+    codes = _plan_splits(parts, config)
+    vocab_sha = _prepare_vocab(parts, out, config, mine, progress)
     starts = _reserve_shards(codes, config.shard_size)
+    term_roots = [str(root) for root in roots]
     pending = []
     for i in mine:
         if _trusted_record(out, i, vocab_sha) is None:
-            pending.append(_PartJob(str(ingest_root), str(out), i, ingest.parts[i], ingest.gene_ids, codes[i],
-                                    starts[i], output_config, vocab_sha, text_config.__dict__))
+            ingest = parts.ingest(i)
+            pending.append(_PartJob(str(ingest.root), str(out), i, parts.part(i), ingest.gene_ids, codes[i],
+                                    starts[i], output_config, vocab_sha, text_config.__dict__,
+                                    parts.ingest_index(i), term_roots))
     _run_jobs(pending, config.workers, progress, "tokenize", _process_part)
 
     # This run checked (or wrote) its own parts; other shards' parts are checked here.
     all_records = [_trusted_record(out, i, vocab_sha, verify=i % shard_count != shard_index)
-                   for i in range(len(ingest.parts))]
+                   for i in range(len(parts))]
     if any(r is None for r in all_records):
         missing = sum(r is None for r in all_records)
         print(f"langcell build: shard {shard_index}/{shard_count} done; {missing} parts of other shards are "
               "still missing, the run that finishes last writes the library")
         return manifest
     if shard_count == 1:
-        return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
+        return _finalize(roots, out, manifest, all_records, vocab_sha, text_config)
     try:
         lock = output_lock(out)
         lock.__enter__()
@@ -132,7 +203,7 @@ def _build(ingest_root: Path, out: Path, config: BuildConfig, shard_index: int, 
         if current.get("complete"):
             return current
         _remove_temporaries(out)
-        return _finalize(ingest, out, manifest, all_records, vocab_sha, text_config)
+        return _finalize(roots, out, manifest, all_records, vocab_sha, text_config)
     finally:
         lock.__exit__(None, None, None)
 
@@ -154,19 +225,41 @@ def _remove_temporaries(out: Path) -> None:
 
 
 # --- vocabulary --------------------------------------------------------------------------------
-def _prepare_vocab(ingest: ingest_io.Ingest, out: Path, config: BuildConfig, mine: list[int], progress: bool) -> dict:
+def _sketch_slots(ingests: list[ingest_io.Ingest]) -> tuple[list[str], list[np.ndarray]]:
+    """The genes the median sketch counts (slot -> gene id) and, per ingest, column -> slot (-1: none).
+
+    One ingest: one slot per selected column, as the single-ingest build always did. Several: one
+    slot per distinct selected gene id, so every ingest's cells of a gene add to one median."""
+    selected = [vocab_mod.select_corpus_genes(i.gene_ids, i.biotypes) for i in ingests]
+    if len(ingests) == 1:
+        slot_ids = [ingests[0].gene_ids[int(c)] for c in selected[0]]
+    else:
+        slot_ids = sorted({ingest.gene_ids[int(c)] for ingest, cols in zip(ingests, selected) for c in cols})
+    slot_of = {gene: s for s, gene in enumerate(slot_ids)}
+    maps = []
+    for ingest, cols in zip(ingests, selected):
+        gene_map = np.full(len(ingest.gene_ids), -1, dtype=np.int64)
+        if len(ingests) == 1:
+            gene_map[cols] = np.arange(cols.size)
+        else:
+            gene_map[cols] = [slot_of[ingest.gene_ids[int(c)]] for c in cols]
+        maps.append(gene_map)
+    return slot_ids, maps
+
+
+def _prepare_vocab(parts: _Parts, out: Path, config: BuildConfig, mine: list[int], progress: bool) -> dict:
     vocab_dir = out / "vocab"
     if config.vocab == "geneformer-v1":
         tokens, medians = vocab_mod.geneformer_v1_vocab()
         vocab_mod.copy_reference_extras(vocab_dir)
     else:
-        selected = vocab_mod.select_corpus_genes(ingest.gene_ids, ingest.biotypes)
+        slot_ids, maps = _sketch_slots(parts.ingests)
         sketch_dir = out / "work" / "sketch"
-        jobs = [(str(ingest.root), ingest.parts[i], i, len(ingest.gene_ids), selected, config.chunk_rows,
+        jobs = [(str(parts.ingest(i).root), parts.part(i), i, maps[parts.owner[i]], len(slot_ids), config.chunk_rows,
                  config.bins_per_decade, str(sketch_dir)) for i in mine
                 if not (sketch_dir / f"part-{i:05d}.npz").is_file()]
         _run_jobs(jobs, config.workers, progress, "gene medians", _sketch_part)
-        paths = [sketch_dir / f"part-{i:05d}.npz" for i in range(len(ingest.parts))]
+        paths = [sketch_dir / f"part-{i:05d}.npz" for i in range(len(parts))]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise LangCellError(f"{missing[0]}: gene-median sketches of {len(missing)} parts (other --shard runs) are "
@@ -174,24 +267,23 @@ def _prepare_vocab(ingest: ingest_io.Ingest, out: Path, config: BuildConfig, min
         merged = vocab_mod.MedianSketch.load(paths[0])
         for path in paths[1:]:
             merged.merge(vocab_mod.MedianSketch.load(path))
-        tokens, medians = vocab_mod.corpus_vocab(ingest.gene_ids, selected, merged)
+        tokens, medians = vocab_mod.corpus_vocab(slot_ids, np.arange(len(slot_ids)), merged)
     # The tokenizer checks that the two files agree before anything is written with them.
     RankValueTokenizer(tokens, medians, max_length=config.max_length, source=str(vocab_dir))
-    if not any(g in tokens for g in ingest.gene_ids):
-        raise LangCellError(f"{ingest.root / 'genes.parquet'}: no gene of the ingest is in the {config.vocab} "
-                            "vocabulary; use --vocab corpus for this organism or gene id scheme")
+    for ingest in parts.ingests:
+        if not any(g in tokens for g in ingest.gene_ids):
+            raise LangCellError(f"{ingest.root / 'genes.parquet'}: no gene of the ingest is in the {config.vocab} "
+                                "vocabulary; use --vocab corpus for this organism or gene id scheme")
     return vocab_mod.write_vocab(vocab_dir, tokens, medians)
 
 
 def _sketch_part(job) -> int:
-    root, part, index, n_genes, selected, chunk_rows, bins_per_decade, sketch_dir = job
+    root, part, index, gene_map, n_slots, chunk_rows, bins_per_decade, sketch_dir = job
     ingest = ingest_io.Ingest(Path(root), {"parts": [part]}, [], [])
     path = ingest_io.verify_part(ingest, part)
-    gene_map = np.full(n_genes, -1, dtype=np.int64)
-    gene_map[selected] = np.arange(selected.size)
-    sketch = vocab_mod.MedianSketch(selected.size, bins_per_decade)
+    sketch = vocab_mod.MedianSketch(n_slots, bins_per_decade)
     rows = 0
-    for _, X, n_counts in ingest_io.iter_chunks(path, n_genes, chunk_rows):
+    for _, X, n_counts in ingest_io.iter_chunks(path, gene_map.size, chunk_rows):
         vocab_mod.sketch_chunk(sketch, X, n_counts, gene_map)
         rows += X.shape[0]
     sketch.save(Path(sketch_dir) / f"part-{index:05d}.npz")
@@ -199,19 +291,27 @@ def _sketch_part(job) -> int:
 
 
 # --- splits and shard numbering ----------------------------------------------------------------
-def _plan_splits(ingest: ingest_io.Ingest, config: BuildConfig) -> list[np.ndarray]:
+def _plan_splits(parts: _Parts, config: BuildConfig) -> list[np.ndarray]:
     import pandas as pd
 
     columns = ["soma_joinid", "dataset_id", "donor_id", "cell_type", "cell_type_ontology_term_id"]
     frames, sizes = [], []
-    for part in ingest.parts:
-        path = ingest.part_path(part)
+    for g in range(len(parts)):
+        path = parts.ingest(g).part_path(parts.part(g))
         try:
             table = ingest_io.read_obs(path, columns)
         except (pa.ArrowException, OSError) as exc:
             raise LangCellError(f"{path}: cannot read the part ({str(exc).splitlines()[0]}); "
                                 "rerun `langcell ingest` to rewrite it") from None
-        frames.append(table.to_pandas())
+        frame = table.to_pandas()
+        if parts.multi:
+            joinids = frame["soma_joinid"].to_numpy()
+            if joinids.size and (joinids.min() < 0 or joinids.max() >= KEY_STRIDE):
+                raise LangCellError(f"{path}: soma_joinid outside 0..{KEY_STRIDE - 1}, which cell keys of a "
+                                    "several-ingest library need; build this ingest on its own")
+            # Cell-level splits draw keys in joinid order; the cell key keeps that order unique.
+            frame["soma_joinid"] = cell_key(parts.owner[g], joinids)
+        frames.append(frame)
         sizes.append(table.num_rows)
     obs = pd.concat(frames, ignore_index=True)
     codes = assign_splits(obs, config.split_by, config.fractions, config.seed, config.holdout_cell_types)
@@ -255,14 +355,23 @@ def _trusted_record(out: Path, index: int, vocab_sha: dict, verify: bool = True)
 _CACHE: dict = {}
 
 
+def _union_terms(roots: list) -> dict:
+    """Terms of every ingest (ids are global); where two ingests define one id, the earlier wins."""
+    terms: dict = {}
+    for root in roots:
+        for term_id, info in load_terms(root).items():
+            terms.setdefault(term_id, info)
+    return terms
+
+
 def _resources(job: _PartJob):
     """Tokenizer and text builder, loaded once per worker process."""
-    key = (job.out, json.dumps(job.vocab_sha, sort_keys=True), job.ingest_root)
+    key = (job.out, json.dumps(job.vocab_sha, sort_keys=True), tuple(job.term_roots))
     if _CACHE.get("key") != key:
         from build_sclibrary.config import TextConfig
 
         tokenizer = RankValueTokenizer.from_vocab_dir(Path(job.out) / "vocab", max_length=job.config["max_length"])
-        texts = TextBuilder(load_terms(job.ingest_root), TextConfig(**job.text_config))
+        texts = TextBuilder(_union_terms(job.term_roots), TextConfig(**job.text_config))
         _CACHE.update(key=key, tokenizer=tokenizer, texts=texts)
     return _CACHE["tokenizer"], _CACHE["texts"]
 
@@ -270,7 +379,8 @@ def _resources(job: _PartJob):
 class _SplitWriter:
     """Cells of one part and one split: tars of `shard_size` cells and one Arrow stream file."""
 
-    def __init__(self, out: Path, split: str, part_index: int, first_number: int, shard_size: int):
+    def __init__(self, out: Path, split: str, part_index: int, first_number: int, shard_size: int,
+                 multi: bool = False):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.number = first_number
         self.pending: list[tuple[str, bytes, bytes, bytes]] = []
@@ -280,7 +390,7 @@ class _SplitWriter:
         self._arrow_ctx = atomic_path(out / self.arrow_name)
         self._arrow_tmp = self._arrow_ctx.__enter__()
         self._sink = pa.OSFile(str(self._arrow_tmp), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, hf_schema())
+        self._writer = pa.ipc.new_stream(self._sink, hf_schema(multi))
 
     def add(self, key: str, tokens: np.ndarray, meta: dict, texts: dict) -> None:
         buffer = io.BytesIO()
@@ -337,7 +447,8 @@ def _process_part(job: _PartJob) -> int:
     out = Path(job.out)
     ingest = ingest_io.Ingest(Path(job.ingest_root), {"parts": [job.part]}, job.gene_ids, [])
     path = ingest_io.verify_part(ingest, job.part)
-    writers = {split: _SplitWriter(out, split, job.index, job.shard_start[split], job.config["shard_size"])
+    multi = job.ingest_index is not None
+    writers = {split: _SplitWriter(out, split, job.index, job.shard_start[split], job.config["shard_size"], multi)
                for split in SPLITS}
     max_length = job.config["max_length"]
     lengths = np.zeros(max_length + 1, dtype=np.int64)
@@ -361,8 +472,11 @@ def _process_part(job: _PartJob) -> int:
                     continue
                 meta = {name: _plain(columns[name][i]) for name in columns}
                 cell_texts = texts.texts_for(meta)
+                if multi:
+                    meta["ingest"] = job.ingest_index
                 split = SPLITS[codes[i]]
-                writers[split].add(str(meta["soma_joinid"]), flat[offsets[i]:offsets[i + 1]], meta, cell_texts)
+                key = str(cell_key(job.ingest_index, meta["soma_joinid"]))
+                writers[split].add(key, flat[offsets[i]:offsets[i + 1]], meta, cell_texts)
                 keep_rows[split].append(i)
                 lengths[n_tokens[i]] += 1
                 text_lengths[min(TEXT_BINS - 1, len(" ".join(cell_texts.values())) // TEXT_BIN)] += 1
@@ -374,7 +488,7 @@ def _process_part(job: _PartJob) -> int:
                     type2text.setdefault(str(meta["cell_type"]), cell_texts["cell_type"])
             for split in SPLITS:
                 rows = np.asarray(keep_rows[split], dtype=np.int64)
-                writers[split].add_arrow(_arrow_batch(obs, rows, flat, offsets))
+                writers[split].add_arrow(_arrow_batch(obs, rows, flat, offsets, job.ingest_index))
         hf = {split: writers[split].close() for split in SPLITS}
     except BaseException:
         for writer in writers.values():
@@ -389,6 +503,8 @@ def _process_part(job: _PartJob) -> int:
               "lengths": _sparse_hist(lengths), "text_lengths": _sparse_hist(text_lengths),
               "counts": {name: dict(counter) for name, counter in counters.items()},
               "terms": {aspect: sorted(ids) for aspect, ids in terms.items()}, "type2text": type2text}
+    if multi:
+        record["ingest"] = job.ingest_index
     atomic_write_json(_record_path(out, job.index), record)
     return row
 
@@ -402,7 +518,8 @@ def _sparse_hist(hist: np.ndarray) -> dict:
     return {str(int(i)): int(hist[i]) for i in nonzero}
 
 
-def _arrow_batch(obs: pa.Table, rows: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> pa.RecordBatch:
+def _arrow_batch(obs: pa.Table, rows: np.ndarray, flat: np.ndarray, offsets: np.ndarray,
+                 ingest_index: int | None = None) -> pa.RecordBatch:
     starts, ends = offsets[rows], offsets[rows + 1]
     lengths = ends - starts
     new_offsets = np.zeros(rows.size + 1, dtype=np.int32)
@@ -413,8 +530,10 @@ def _arrow_batch(obs: pa.Table, rows: np.ndarray, flat: np.ndarray, offsets: np.
     arrays = [ids, pa.array(lengths.astype(np.int64)), picked["soma_joinid"].cast(pa.int64())]
     arrays += [picked[name].cast(pa.string()).combine_chunks() if picked.num_rows else pa.array([], pa.string())
                for name in ingest_io.META_COLUMNS]
+    if ingest_index is not None:
+        arrays.append(pa.array(np.full(rows.size, ingest_index, dtype=np.int64)))
     return pa.RecordBatch.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
-                                      schema=hf_schema())
+                                      schema=hf_schema(ingest_index is not None))
 
 
 # --- running jobs ------------------------------------------------------------------------------
@@ -447,7 +566,7 @@ def _job_part(job) -> dict:
 
 
 # --- finalization ------------------------------------------------------------------------------
-def _finalize(ingest: ingest_io.Ingest, out: Path, manifest: dict, records: list[dict], vocab_sha: dict,
+def _finalize(roots: list[Path], out: Path, manifest: dict, records: list[dict], vocab_sha: dict,
               text_config) -> dict:
     import datasets
 
@@ -479,7 +598,7 @@ def _finalize(ingest: ingest_io.Ingest, out: Path, manifest: dict, records: list
         for label, text in record["type2text"].items():
             type2text.setdefault(label, text)
     atomic_write_json(out / "type2text.json", dict(sorted(type2text.items())))
-    texts = TextBuilder(load_terms(ingest.root), text_config)
+    texts = TextBuilder(_union_terms(roots), text_config)
     variants = {}
     for aspect in ingest_io.ASPECTS:
         ids = sorted({tid for r in records for tid in r["terms"][aspect]})
@@ -491,7 +610,8 @@ def _finalize(ingest: ingest_io.Ingest, out: Path, manifest: dict, records: list
                     n_cells=sum(splits[s]["n_cells"] for s in SPLITS),
                     n_cells_in=sum(r["n_cells_in"] for r in records),
                     n_skipped_no_vocab_gene=sum(r["n_skipped_no_vocab_gene"] for r in records),
-                    parts=[{"name": r["name"], "n_cells_in": r["n_cells_in"]} for r in records],
+                    parts=[{"name": r["name"], "n_cells_in": r["n_cells_in"],
+                            **({"ingest": r["ingest"]} if "ingest" in r else {})} for r in records],
                     stats=summary, finalize_seconds=round(time.time() - started, 2))
     atomic_write_json(out / "manifest.json", manifest)
     # The per-part Arrow files duplicate hf/; once the manifest is complete they are not needed.

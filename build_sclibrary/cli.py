@@ -11,7 +11,9 @@ def add_commands(subparsers) -> None:
         description="Tokenize the cells of an ingest folder with Geneformer's rank-value encoding, pair "
                     "them with ontology texts, split them and write webdataset shards, HF datasets, "
                     "type2text.json, stats and a manifest. Resumable: rerun the same command after a kill.")
-    build.add_argument("--ingest", required=True, help="ingest folder (langcell ingest census --out ...)")
+    build.add_argument("--ingest", required=True, nargs="+", metavar="INGEST",
+                       help="ingest folder(s) (langcell ingest census --out ...); several build one library, "
+                            "keyed by ingest position (keep the order on reruns)")
     build.add_argument("--out", required=True, help="output folder (scLibrary)")
     build.add_argument("--config", default=None, help="build config YAML (default configs/build/default.yaml)")
     build.add_argument("--vocab", choices=("geneformer-v1", "corpus"), default=None,

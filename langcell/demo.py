@@ -125,7 +125,7 @@ def _build(out: Path, ingests: list[Path], cfg: DemoConfig) -> Path:
 
     library = out / "sclibrary"
     if _step("scLibrary (Geneformer v1 tokens, cell-level split)", _is_complete(library / "manifest.json")):
-        build_library(ingests[0] if len(ingests) == 1 else ingests, library,
+        build_library(ingests, library,
                       load_build_config(None, {"vocab": "geneformer-v1", "split_by": "cell",
                                                "fractions": cfg.split_fractions, "max_length": cfg.max_length}))
     return library

@@ -36,6 +36,8 @@ def test_demo_writes_a_report_whose_numbers_come_from_the_metrics(demo):
     rows = dict(re.findall(r"\| (scanpy-pbmc68k-reduced|celltypist-sample-cell-by-gene) \| real \| (\d+ \| \d+ \| \d+) \|", report))
     assert sum(map(int, rows["scanpy-pbmc68k-reduced"].split(" | "))) == 700
     assert sum(map(int, rows["celltypist-sample-cell-by-gene"].split(" | "))) == 559
+    synthetic = re.findall(r"\| (\S+) \| synthetic \| (\d+) \| (\d+) \| (\d+) \|", report)
+    assert sum(int(n) for row in synthetic for n in row[1:]) == 200
 
 
 def test_demo_evaluates_only_real_pbmcs_that_pretraining_never_saw(demo):
@@ -46,7 +48,10 @@ def test_demo_evaluates_only_real_pbmcs_that_pretraining_never_saw(demo):
     train = load_from_disk(str(out / "sclibrary" / "hf" / "train"))
     assert set(held_out["dataset_id"]) == {"scanpy-pbmc68k-reduced"}
     assert len(set(held_out["cell_type"])) == 10
-    assert not set(held_out["soma_joinid"]) & set(train["soma_joinid"])
+    train_pbmc = train.filter(lambda row: row["dataset_id"] == "scanpy-pbmc68k-reduced")
+    assert len(train_pbmc) > 0 and not set(held_out["soma_joinid"]) & set(train_pbmc["soma_joinid"])
+    # Synthetic cells took part in pre-training and are labelled as such in the report.
+    assert len(train) > len(train_pbmc) + 335
     # A third of the real PBMCs are held out (stratified: within rounding per type).
     assert 0.30 < len(held_out) / 700 < 0.36
 

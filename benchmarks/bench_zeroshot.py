@@ -43,8 +43,11 @@ def _args(argv):
     p.add_argument("--top-k", type=int, nargs="+", default=[3, 5])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--pair-batch", type=int, default=512)
-    p.add_argument("--train-steps", type=int, default=300, help="steps of the synthetic model's training")
+    p.add_argument("--train-steps", type=int, default=500, help="steps of the synthetic model's training")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the fastest counts")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a 2-core machine shared with other jobs, two "
+                        "spinning OpenMP threads stall each other and swamp the comparison)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
     from eval.tasks import class_descriptions
 
     args = _args(argv if argv is not None else [])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         if args.model and args.data:
             export, data_path = args.model, args.data

@@ -18,8 +18,20 @@ from langcell.cli import main as cli_main
 from langcell.errors import LangCellError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from two threads, and on a shared 2-core box spinning OpenMP
+    threads slow them many times over; restored afterwards for other test files."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("eval")
     synthetic.write_vocab(root / "vocab", 120)
     train = synthetic.make_adata(n_per_class=40, seed=1)

@@ -41,7 +41,7 @@ def add_commands(subparsers) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from eval.suite import run_suite, run_tasks
+    from eval.suite import headline, run_suite, run_tasks
     from eval.settings import load_eval_config
 
     overrides = {k: v for k, v in (("model", args.model), ("data", args.data), ("out", args.out),
@@ -51,9 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
         metrics = run_suite(args.config, **overrides)
     else:
         metrics = run_tasks(load_eval_config(args.config, overrides), [args.task])
-    headline = {task: {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                for task, m in metrics.items()}
-    print(json.dumps(headline, indent=1))
+    print(json.dumps(headline(metrics), indent=1))
     return 0
 
 

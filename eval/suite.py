@@ -44,6 +44,27 @@ def run_tasks(cfg: EvalConfig, tasks: list[str]) -> dict:
     return all_metrics
 
 
+def headline(metrics: dict) -> dict:
+    """The few numbers per task worth printing on a terminal (metrics.json has the rest)."""
+    out = {}
+    for task, m in metrics.items():
+        if task == "zero-shot":
+            out[task] = {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+            out[task]["ontology_accuracy"] = m["ontology"]["ontology_accuracy"]
+        elif task == "retrieval":
+            out[task] = {k: v for k, v in m["similarity"].items() if "@" in k}
+        elif task == "integration":
+            out[task] = {emb: {k: v for k, v in r.items() if k in ("silhouette_label", "silhouette_batch",
+                                                                    "leiden_nmi", "knn_batch_mixing")}
+                         for emb, r in m.items()}
+        elif task == "few-shot":
+            out[task] = {f"{n}-shot": {meth: r["accuracy_mean"] for meth, r in by.items()}
+                         for n, by in m["results"].items()}
+        elif task == "finetune":
+            out[task] = {meth: r["accuracy_mean"] for meth, r in m["results"].items()}
+    return out
+
+
 def run_task(task: str, model: str, data: str, out: str, label_key: str = "cell_type",
              batch_key: str | None = "dataset_id", config: str | Path | None = None, **overrides) -> dict:
     """One task (`zero-shot`, `few-shot`, `finetune`, `retrieval`, `integration`) into `out`."""

@@ -13,7 +13,7 @@ from eval.annotate import annotate
 from eval.data import load_eval_data
 from eval.model_io import load_model
 from eval.scoring import TopKScorer, score_cells
-from eval.suite import run_suite, run_task
+from eval.suite import headline, run_suite, run_task
 from langcell.cli import main as cli_main
 from langcell.errors import LangCellError
 
@@ -77,6 +77,9 @@ def test_suite_writes_every_task(world, tmp_path):
     report = (out / "report.md").read_text()
     for section in ("## Zero-shot", "## Few-shot", "## Fine-tuning", "## Cell-text retrieval", "## Batch integration"):
         assert section in report
+    short = headline(metrics)
+    assert short["few-shot"]["2-shot"]["logreg"] == fs["logreg"]["accuracy_mean"]
+    assert short["zero-shot"]["accuracy"] == zs["accuracy"] and set(short) == set(metrics)
     for png in ("zero_shot_confusion.png", "zero_shot_embedding.png", "integration_embedding.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -85,7 +85,7 @@ class _CountRows:
 def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike,
              cell_types: list[str] | None = None, ontology_root: str | None = None, *,
              ontology_terms: str | None = None, chunk_size: int = 4096, batch_size: int = 32,
-             top_k: int | None = 5, alpha: float = 0.1, min_gene_overlap: float = 0.25,
+             top_k: int | None = 3, alpha: float = 0.1, min_gene_overlap: float = 0.25,
              device: str = "cpu") -> dict:
     """Annotate `input` into `output`; returns a summary (cells, candidates, prediction counts)."""
     import h5py

@@ -28,7 +28,7 @@ def add_commands(subparsers) -> None:
     group.add_argument("--ontology-root", help="every CL descendant of this term is a candidate, e.g. CL:0000542")
     an.add_argument("--ontology-terms", default=None, help="INGEST/ontology/terms.parquet (default: "
                                                            "cellxgene-ontology-guide's CL)")
-    an.add_argument("--top-k", type=int, default=5, help="matching head for the k most similar types")
+    an.add_argument("--top-k", type=int, default=3, help="matching head for the k most similar types")
     an.add_argument("--alpha", type=float, default=0.1)
     an.add_argument("--chunk-size", type=int, default=4096, help="cells read from disk at a time")
     an.add_argument("--batch-size", type=int, default=32)

@@ -113,7 +113,7 @@ class TopKScorer:
     per-class loop, kept for the benchmark and as a reference.
     """
 
-    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = 5,
+    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = 3,
                  pair_batch: int = 256, method: str = "topk"):
         if method not in ("topk", "loop"):
             raise LangCellError(f"zero-shot config: method '{method}' unknown; use topk or loop")

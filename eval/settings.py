@@ -14,7 +14,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 class ZeroShotConfig:
     alpha: float = 0.1
     # Matching head only for each cell's top_k classes by similarity; null = every class.
-    top_k: int | None = 5
+    top_k: int | None = 3
     # Pick alpha on a stratified validation share of the cells and report on the rest.
     tune_alpha: bool = False
     val_fraction: float = 0.2

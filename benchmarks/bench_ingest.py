@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.record import record_section
+
 REPO = Path(__file__).resolve().parents[1]
 OBS_FILTER = "is_primary_data == True"
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _report(args, rows)
     print(report)
     if not args.no_record:
-        _record(report)
+        record_section("Ingest", report)
     return 0
 
 
@@ -149,17 +151,6 @@ def _report(args, rows: list[dict]) -> str:
               f"{worst:.2f}x); peak RSS flat in the number of cells ({large['cells'] / small['cells']:.0f}x the "
               f"cells -> {growth:.2f}x the ingest peak RSS, set by --chunk-cells)."]
     return "\n".join(lines)
-
-
-def _record(report: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text()
-    # Replace only the body of the "## Ingest" section; other sections belong to other benchmarks.
-    new, count = re.subn(r"(## Ingest\n)(.*?)(?=\n## |\Z)", lambda m: m.group(1) + report + "\n", text,
-                         count=1, flags=re.S)
-    if count != 1:
-        raise RuntimeError(f"{path}: no '## Ingest' section to record into")
-    path.write_text(new)
 
 
 if __name__ == "__main__":

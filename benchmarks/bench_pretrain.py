@@ -21,14 +21,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.record import record_section
+
 MAX_LEN = 2048
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _report(args, result)
     print(report)
     if not args.no_record:
-        _record(report)
+        record_section("Pre-training", report)
     return 0
 
 
@@ -159,17 +159,6 @@ def _report(args, r: dict) -> str:
     else:
         lines.append("GPU MFU: skipped (no GPU on this machine); rerun this command on a GPU host to fill it in.")
     return "\n".join(lines)
-
-
-def _record(report: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text()
-    # Replace only the body of the "## Pre-training" section; other sections belong to other benchmarks.
-    new, count = re.subn(r"(## Pre-training\n)(.*?)(?=\n## |\Z)", lambda m: m.group(1) + report + "\n", text,
-                         count=1, flags=re.S)
-    if count != 1:
-        raise RuntimeError(f"{path}: no '## Pre-training' section to record into")
-    path.write_text(new)
 
 
 if __name__ == "__main__":

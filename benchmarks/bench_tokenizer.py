@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.record import record_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Build scLibrary (tokenizer)"
 CHUNK = 4096
@@ -200,17 +202,6 @@ def _subprocess(case: str, path: Path, repeats: int = 1) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _record(text: str) -> None:
-    from langcell.files import atomic_write_bytes
-
-    path = ROOT / "BENCHMARKS.md"
-    content = path.read_text()
-    start = content.index(SECTION) + len(SECTION)
-    end = content.find("\n## ", start)
-    end = len(content) if end < 0 else end
-    atomic_write_bytes(path, (content[:start] + "\n" + text.rstrip() + "\n" + content[end:]).encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=20_000)
@@ -271,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        _record(text)
+        record_section(SECTION.removeprefix("## "), text)
     return 0
 
 

@@ -1,0 +1,20 @@
+"""Write one benchmark's results into its own section of BENCHMARKS.md, leaving the others alone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from langcell.files import atomic_write_bytes
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def record_section(heading: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the body of the `## {heading}` section (up to the next `## `) with `body`."""
+    text = path.read_text()
+    new, count = re.subn(rf"(## {re.escape(heading)}\n)(.*?)(?=\n## |\Z)",
+                         lambda m: m.group(1) + body.rstrip() + "\n", text, count=1, flags=re.S)
+    if count != 1:
+        raise RuntimeError(f"{path}: no '## {heading}' section to record into")
+    atomic_write_bytes(path, new.encode())

@@ -1,0 +1,14 @@
+import pytest
+
+from benchmarks.record import record_section
+
+
+def test_record_replaces_only_its_own_section(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Ingest\nold ingest\n\n## Pre-training\nold pretrain\nline 2\n\n## Demo\nkeep\n")
+    record_section("Pre-training", "new numbers\n", md)
+    assert md.read_text() == "# Benchmarks\n\n## Ingest\nold ingest\n\n## Pre-training\nnew numbers\n\n## Demo\nkeep\n"
+    record_section("Demo", "last", md)
+    assert md.read_text().endswith("## Demo\nlast\n")
+    with pytest.raises(RuntimeError, match="no '## Missing' section"):
+        record_section("Missing", "x", md)

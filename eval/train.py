@@ -50,18 +50,15 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
         yield order[start:start + batch_size]
 
 
-def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epochs: int, lr: float,
-                  batch_size: int, seed: int, pad_id: int = 0, desc: str = "few-shot",
-                  match_on_margin: bool = False, match_negatives: int | None = None) -> list[float]:
-    """Fine-tune `model` in place with LangCell's few-shot loss; returns the per-step losses."""
+def _fit(module: nn.Module, optimizer, seqs, labels: np.ndarray, loss_fn, epochs: int, batch_size: int,
+         seed: int, pad_id: int, desc: str) -> list[float]:
+    """Shuffled mini-batch epochs over `seqs`; `loss_fn(ids, mask, y)` gives each batch's loss."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    device = next(model.parameters()).device
-    text_ids, text_mask = tokenize_texts(model, class_texts)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
+    device = next(module.parameters()).device
+    module.train()
     losses = []
     steps = epochs * ((len(seqs) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc=desc, unit="step") as bar:
@@ -69,16 +66,28 @@ def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epoch
             for idx in _batches(len(seqs), batch_size, rng):
                 ids, mask = pad_cells([seqs[i] for i in idx], pad_id)
                 y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
-                loss = fewshot_loss(model, ids.to(device), mask.to(device), y, text_ids, text_mask, match_on_margin,
-                                    match_negatives)
-                opt.zero_grad()
+                loss = loss_fn(ids.to(device), mask.to(device), y)
+                optimizer.zero_grad()
                 loss.backward()
-                opt.step()
+                optimizer.step()
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update(1)
-    model.eval()
+    module.eval()
     return losses
+
+
+def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epochs: int, lr: float,
+                  batch_size: int, seed: int, pad_id: int = 0, desc: str = "few-shot",
+                  match_on_margin: bool = False, match_negatives: int | None = None) -> list[float]:
+    """Fine-tune `model` in place with LangCell's few-shot loss; returns the per-step losses."""
+    text_ids, text_mask = tokenize_texts(model, class_texts)
+
+    def loss_fn(ids, mask, y):
+        return fewshot_loss(model, ids, mask, y, text_ids, text_mask, match_on_margin, match_negatives)
+
+    return _fit(model, torch.optim.Adam(model.parameters(), lr=lr), seqs, labels, loss_fn, epochs, batch_size,
+                seed, pad_id, desc)
 
 
 class CellClassifier(nn.Module):
@@ -96,28 +105,8 @@ class CellClassifier(nn.Module):
 
 def train_classifier(clf: CellClassifier, seqs, labels: np.ndarray, epochs: int, lr: float, batch_size: int,
                      seed: int, pad_id: int = 0, desc: str = "finetune") -> list[float]:
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    device = next(clf.parameters()).device
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr)
-    clf.train()
-    losses = []
-    steps = epochs * ((len(seqs) + batch_size - 1) // batch_size)
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        for _ in range(epochs):
-            for idx in _batches(len(seqs), batch_size, rng):
-                ids, mask = pad_cells([seqs[i] for i in idx], pad_id)
-                y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
-                loss = F.cross_entropy(clf(ids.to(device), mask.to(device)), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.update(1)
-    clf.eval()
-    return losses
+    return _fit(clf, torch.optim.AdamW(clf.parameters(), lr=lr), seqs, labels,
+                lambda ids, mask, y: F.cross_entropy(clf(ids, mask), y), epochs, batch_size, seed, pad_id, desc)
 
 
 @torch.no_grad()

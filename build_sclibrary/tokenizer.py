@@ -1,4 +1,4 @@
-"""Geneformer's rank-value encoding, vectorised over a sparse chunk of cells.
+"""Geneformer's rank-value encoding over a sparse chunk of cells (compiled loops in `rank_kernels`).
 
 Per cell (Geneformer / LangCell): keep the vocabulary genes; divide raw counts by the cell's
 total over ALL genes and multiply by 10,000; divide each gene by its non-zero median over the
@@ -69,7 +69,7 @@ class RankValueTokenizer:
         self.pad_id = int(token_dictionary.get(PAD, 0))
         self._gene_token = {g: int(token_dictionary[g]) for g in genes}
         self._plan_cache: dict[int, tuple] = {}
-        # Padded elements per sort block (rows x longest row): ~40 bytes of temporaries each.
+        # Padded elements per sort block (rows x longest row): ~20 bytes of temporaries each.
         self._block_nnz = 1 << 17
 
     @classmethod
@@ -141,12 +141,13 @@ class RankValueTokenizer:
             # Unsorted columns or repeated entries: sort and sum them, as a dense matrix would hold them.
             X = X.copy()
             X.sum_duplicates()
+        data, totals = _promoted(X.data, n_counts)
         limit = self.max_length - 1
         flats, lengths = [], []
-        # Row blocks of a few hundred thousand non-zeros keep every temporary cache-sized and
-        # reused by the allocator; whole-chunk temporaries cost more in page faults than in math.
+        # Row blocks of ~100k padded values keep the sort's temporaries in cache.
         for r0, r1 in _row_blocks(X.indptr, self._block_nnz):
-            flat, length = self._tokenize_block(X, r0, r1, n_counts[r0:r1], position, tokens, medians, limit)
+            flat, length = self._tokenize_block(X.indptr, X.indices, data, totals, r0, r1,
+                                                position, tokens, medians, limit)
             flats.append(flat)
             lengths.append(length)
         flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32)
@@ -155,34 +156,30 @@ class RankValueTokenizer:
             np.cumsum(np.concatenate(lengths), out=offsets[1:])
         return flat, offsets
 
-    def _tokenize_block(self, X, r0, r1, n_counts, position, tokens, medians, limit):
-        n_rows = r1 - r0
-        lo, hi = int(X.indptr[r0]), int(X.indptr[r1])
-        row_len = np.diff(X.indptr[r0:r1 + 1])
-        # Vocabulary position of each entry; it grows with the column, so rows stay in column order.
-        indices = position[X.indices[lo:hi]]
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), row_len)
-        # Same expression and operand order as Geneformer, so rounding (and ties) agree. Entries
-        # outside the vocabulary (position -1 reads a wrong median) and explicit zeros (0/0 in an
-        # empty cell) are masked rather than compressed out: masking is a fraction of the cost.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = X.data[lo:hi] / n_counts[rows] * TARGET_SUM / medians[indices]
-        valid = (indices >= 0) & (values > 0)
-        all_valid = bool(valid.all())
-        counts = row_len if all_valid else np.bincount(rows, weights=valid, minlength=n_rows).astype(np.int64)
-        take = np.minimum(counts, limit)
-        width = int(row_len.max()) if n_rows else 0
-        kept = min(int(counts.max()) if n_rows else 0, limit)
-        out = np.empty((n_rows, kept + 1), dtype=np.int32)
-        out[:, 0] = self.cls_id
-        if kept:
-            neg = -values if all_valid else np.where(valid, -values, np.inf)
-            starts = (X.indptr[r0:r1] - lo).astype(np.int64)
-            out[:, 1:] = _ranked_tokens(neg, rows, starts, tokens[indices], width)[:, :kept]
-        length = take + 1
-        # Row-major boolean selection keeps each row's <cls> and its first `take` tokens, in order.
-        flat = out[np.arange(kept + 1)[None, :] < length[:, None]]
+    def _tokenize_block(self, indptr, indices, data, totals, r0, r1, position, tokens, medians, limit):
+        from build_sclibrary import rank_kernels
+
+        width = int(np.diff(indptr[r0:r1 + 1]).max()) if r1 > r0 else 0
+        neg = np.empty((r1 - r0, max(width, 1)))
+        entry_tokens = np.empty((r1 - r0, max(width, 1)), dtype=np.int32)
+        counts = rank_kernels.fill_rows(indptr, indices, data, totals, data.dtype.type(TARGET_SUM), position,
+                                        medians, tokens, r0, r1, neg, entry_tokens)
+        kept = int(counts.max()) if counts.size else 0
+        # numpy's SIMD argsort beats any per-row sort we could compile; only the valid columns.
+        order = np.argsort(neg[:, :kept], axis=1) if kept else np.zeros((r1 - r0, 0), dtype=np.int64)
+        length = np.minimum(counts, limit) + 1
+        flat = np.empty(int(length.sum()), dtype=np.int32)
+        rank_kernels.emit_rows(neg, order, entry_tokens, counts, length, self.cls_id, flat)
         return flat, length
+
+
+def _promoted(data: np.ndarray, n_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and totals in the dtype numpy gives `counts / n_counts` (Geneformer's expression), so
+    the compiled arithmetic rounds exactly as numpy does (long double inputs are computed in float64)."""
+    dtype = np.true_divide(np.ones(1, data.dtype), np.ones(1, n_counts.dtype)).dtype
+    if dtype != np.float32:
+        dtype = np.dtype(np.float64)
+    return data.astype(dtype, copy=False), n_counts.astype(dtype, copy=False)
 
 
 def _row_blocks(indptr: np.ndarray, block_nnz: int):
@@ -201,38 +198,3 @@ def _row_blocks(indptr: np.ndarray, block_nnz: int):
             width = int(lengths[r0:r1].max())
         yield r0, r1
         r0 = r1
-
-
-def _ranked_tokens(neg: np.ndarray, rows: np.ndarray, starts: np.ndarray, entry_tokens: np.ndarray,
-                   width: int) -> np.ndarray:
-    """Per row, its entries' tokens ordered by -`neg` (largest first; ties: entry order), padded.
-
-    `neg` is minus each entry's value, +inf for entries to leave out (they sort last, with the
-    padding). The rows are padded into a dense (rows x width) matrix and sorted row-wise with
-    numpy's SIMD argsort, several times faster than a global lexsort; runs of equal values are
-    then put back into entry (= gene column) order, so the result equals a stable sort of each row.
-    """
-    n_rows = starts.size
-    slot = rows * width + (np.arange(rows.size, dtype=np.int64) - starts[rows])
-    padded = np.full(n_rows * width, np.inf)
-    padded[slot] = neg
-    padded = padded.reshape(n_rows, width)
-    order = np.argsort(padded, axis=1)
-    ranked = np.take_along_axis(padded, order, axis=1)
-    # Padding (+inf) sorts last and is never compared as a tie: a tie needs a finite right side.
-    ties = ranked[:, 1:] == ranked[:, :-1]
-    ties &= ranked[:, 1:] != np.inf
-    tied_rows = np.flatnonzero(ties.any(axis=1))
-    if tied_rows.size:
-        # Only rows with ties are re-sorted. Group ids increase along each row and from row to
-        # row; sorting (group, position) puts tied entries in ascending position (= column) order.
-        new_group = np.ones((tied_rows.size, width), dtype=np.int64)
-        new_group[:, 1:] = ~ties[tied_rows]
-        group = np.cumsum(new_group.ravel())
-        bits = max(1, int(width - 1).bit_length())
-        key = (group.astype(np.uint64) << np.uint64(bits)) | order[tied_rows].ravel().astype(np.uint64)
-        key.sort()
-        order[tied_rows] = (key & np.uint64((1 << bits) - 1)).astype(np.int64).reshape(tied_rows.size, width)
-    token_matrix = np.zeros(n_rows * width, dtype=np.int32)
-    token_matrix[slot] = entry_tokens
-    return np.take_along_axis(token_matrix.reshape(n_rows, width), order, axis=1)

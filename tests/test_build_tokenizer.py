@@ -75,6 +75,33 @@ def test_unsorted_indices_and_csc_input_give_same_tokens():
         assert all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("data_dtype,totals_dtype", [
+    (np.float32, np.float32), (np.float32, np.float64), (np.float64, np.float32), (np.int32, np.float32),
+    (np.int64, np.int64), (np.uint16, np.float32)])
+def test_arithmetic_rounds_in_numpys_dtypes(data_dtype, totals_dtype):
+    """Medians 1, 3 and 7 with counts that are multiples of them make values equal in exact
+    arithmetic, so their order (or tie) is decided by rounding: float32 and float64 differ."""
+    rng = np.random.default_rng(5)
+    genes = [f"ENSG{i:011d}" for i in range(90)]
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}, "<cls>": 92}
+    medians = {g: float((1, 3, 7)[i % 3]) for i, g in enumerate(genes)}
+    factor = np.array([(1, 3, 7)[i % 3] for i in range(90)])
+    counts = rng.integers(1, 6, (300, 90)) * factor * (rng.random((300, 90)) < 0.5)
+    X = sp.csr_matrix(counts.astype(data_dtype))
+    n_counts = (counts.sum(axis=1) + rng.integers(0, 10_000, 300)).astype(totals_dtype)
+    tok = RankValueTokenizer(tokens, medians)
+    got = tok.tokenize_csr(X, genes, n_counts)
+    dense = X.toarray()
+    for i in range(300):
+        assert np.array_equal(got[i], reference_tokens(genes, dense[i], n_counts[i], tokens, medians, 2048)), i
+    # The case is sensitive: computing in the other precision changes some cells' order.
+    promoted = (X.data[:1] / n_counts[:1]).dtype
+    other = np.float64 if promoted != np.float64 else np.float32
+    changed = sum(not np.array_equal(got[i], reference_tokens(genes, dense[i].astype(other), other(n_counts[i]),
+                                                                tokens, medians, 2048)) for i in range(300))
+    assert changed > 0
+
+
 def test_pbmc68k_real_cells_equal_reference():
     X, symbols, n_counts, _ = pbmc68k_counts()
     symbol_map = json.loads((REF / "gene_symbol_to_ensembl.json").read_text())

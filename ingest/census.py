@@ -73,6 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ingest import coo_rows
 from langcell.errors import LangCellError
 from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 
@@ -666,16 +667,20 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
     genes = coo["soma_dim_1"].to_numpy()
     data = coo["soma_data"].to_numpy()
     del coo
-    has_zeros = _check_counts(source, data, cells)
-    if genes.size and genes.max() >= keep_map.size:
-        raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(genes.max())} beyond var; "
+    valid, row_major, distinct, largest = coo_rows.scan(cells, genes, data)
+    if not valid:
+        _check_counts(source, data, cells)
+    if largest >= keep_map.size:
+        raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(largest)} beyond var; "
                             "the store is corrupt, rebuild it")
-    if has_zeros:  # explicit zeros are no counts; the contract's counts are all > 0
+    if data.size and not data.all():  # explicit zeros are no counts; the contract's counts are all > 0
         nonzero = data != 0
         cells, genes, data = cells[nonzero], genes[nonzero], data[nonzero]
-    indptr, indices, values = _compress_rows(source, joinids, cells, genes, data, keep_map.size)
+        distinct = int(np.count_nonzero(cells[1:] != cells[:-1])) + 1 if cells.size else 0
+    rows = coo_rows.row_major_to_csr(joinids, cells, genes, data, distinct) if row_major else None
+    indptr, indices, values = rows or _general_rows(source, joinids, cells, genes, data, keep_map.size)
     del cells, genes, data
-    n_counts = _row_sums(indptr, values)
+    n_counts = coo_rows.row_sums(indptr, values)
     if not _is_identity(keep_map):
         gene_index = keep_map[indices]
         kept = gene_index >= 0
@@ -706,22 +711,14 @@ def _is_identity(keep_map: np.ndarray) -> bool:
                                        and np.array_equal(keep_map, np.arange(keep_map.size))))
 
 
-def _compress_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, data: np.ndarray,
-                   n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """COO entries -> CSR (indptr, gene soma_joinids ascending per row, counts) over `joinids`' rows."""
+def _general_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, data: np.ndarray,
+                  n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """COO entries in any order (e.g. the Census' square space tiles) -> CSR rows over `joinids`
+    by a counting sort, O(nnz)."""
     import scipy.sparse as sp
 
     if data.size == 0:
-        return np.zeros(joinids.size + 1, dtype=np.int64), genes, data
-    # Stores whose space tile spans every gene (synth-census, most AnnData conversions) come back
-    # from TileDB already in row-major order: then CSR is a binary search per cell, no sort.
-    if np.all(cells[1:] >= cells[:-1]):
-        out_of_order = genes[1:] <= genes[:-1]
-        out_of_order &= cells[1:] == cells[:-1]
-        if not out_of_order.any():
-            indptr = np.append(np.searchsorted(cells, joinids), cells.size)
-            return indptr, genes, data
-    # Otherwise (e.g. the Census' square space tiles) a counting sort by row, O(nnz).
+        return np.zeros(joinids.size + 1, dtype=np.int64), genes.astype(np.int32), data.astype(np.float32)
     matrix = sp.csr_matrix((data, (_local_rows(joinids, cells), genes.astype(np.int32))),
                            shape=(joinids.size, n_genes))
     if matrix.nnz != data.size:
@@ -737,19 +734,6 @@ def _local_rows(joinids: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return tiledbsoma.IntIndexer(joinids).get_indexer(cells).astype(np.int32)
 
 
-def _row_sums(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
-    sums = np.zeros(indptr.size - 1, dtype=np.float64)
-    if values.size:
-        starts = np.minimum(indptr[:-1], values.size - 1)
-        # float32 sums of integer counts are exact below 2**24; only rows above that are redone
-        # in float64 (summing everything in float64 costs a cast of every count).
-        sums = np.add.reduceat(values, starts).astype(np.float64)
-        for row in np.flatnonzero(sums >= 2.0 ** 24):
-            sums[row] = values[indptr[row]:indptr[row + 1]].sum(dtype=np.float64)
-        sums[indptr[1:] == indptr[:-1]] = 0.0
-    return sums
-
-
 def _raise_duplicate(source: Source, cells: np.ndarray, genes: np.ndarray):
     order = np.lexsort((genes, cells))
     cells, genes = cells[order], genes[order]
@@ -758,16 +742,8 @@ def _raise_duplicate(source: Source, cells: np.ndarray, genes: np.ndarray):
                         f"{int(genes[at])} more than once; the store is corrupt, rebuild it")
 
 
-def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> bool:
-    """Raise unless every count is a finite non-negative integer; return whether any is 0."""
-    if not data.size:
-        return False
-    # Fast path, three passes: x - floor(x) is 0 for every integer, NaN for NaN and +-inf, > 0 otherwise.
-    fraction = np.floor(data)
-    np.subtract(data, fraction, out=fraction)
-    smallest = data.min()
-    if not fraction.any() and smallest >= 0:
-        return bool(smallest == 0)
+def _check_counts(source: Source, data: np.ndarray, cells: np.ndarray) -> None:
+    """Raise unless every count is a finite non-negative integer."""
     for bad, problem in ((~np.isfinite(data), "NaN or infinite"), (data < 0, "negative"),
                          (data != np.floor(data), "non-integer")):
         if bad.any():

@@ -369,3 +369,42 @@ def test_bad_arguments(store, tmp_path):
         parse_shard("2/2")
     with pytest.raises(LangCellError, match="--cells-per-part 0: must be at least 1"):
         ingest_census(tmp_path / "o", uri=store, cells_per_part=0)
+
+
+def test_row_major_fast_path_equals_general_path():
+    """The compiled pass (entries in row-major order) and the counting sort (any order) build the
+    same rows from the same entries: explicit zeros, empty cells and a gene filter included."""
+    import pyarrow as pa
+
+    from ingest import coo_rows
+    from ingest.census import Source, _build_chunk, _cells_schema
+
+    rng = np.random.default_rng(0)
+    joinids = np.sort(rng.choice(10_000, 300, replace=False))
+    dense = rng.integers(0, 4, (300, 40)) * (rng.random((300, 40)) < 0.3)
+    dense[::17] = 0  # empty cells
+    cells, genes = np.nonzero(dense)
+    counts = dense[cells, genes].astype(np.float32)
+    counts[::11] = 0  # explicit zeros
+    obs = pa.table({"soma_joinid": pa.array(joinids, pa.int64())})
+    schema = _cells_schema(obs.schema, [])
+    keep = np.where(np.arange(40) % 3 == 0, -1, np.cumsum(np.arange(40) % 3 != 0) - 1).astype(np.int64)
+    tables = []
+    for order in (np.arange(cells.size), rng.permutation(cells.size)):
+        coo = pa.table({"soma_dim_0": pa.array(joinids[cells[order]]), "soma_dim_1": pa.array(genes[order]),
+                        "soma_data": pa.array(counts[order])})
+        row_major = coo_rows.scan(joinids[cells[order]], genes[order], counts[order])[1]
+        tables.append((row_major, _build_chunk(Source(None, "/s"), joinids, obs, coo, keep, schema, []).to_pydict()))
+    (fast_row_major, fast), (general_row_major, general) = tables
+    assert fast_row_major and not general_row_major
+    assert fast == general
+    assert len(fast["soma_joinid"]) < 300 and max(max(g) for g in fast["gene_index"]) < keep.max() + 1
+    bad = counts.copy()
+    bad[5] = 1.5
+    assert not coo_rows.scan(joinids[cells], genes, bad)[0]
+    valid, row_major, distinct, largest = coo_rows.scan(joinids[cells], genes, counts)
+    assert valid and row_major and distinct == np.unique(cells).size and largest == genes.max()
+    assert coo_rows.row_major_to_csr(joinids, joinids[cells], genes, counts, distinct) is not None
+    for outside in (joinids[cells[0]], joinids[cells[-1]]):  # a cell outside the chunk's rows
+        rows = np.setdiff1d(joinids, [outside])
+        assert coo_rows.row_major_to_csr(rows, joinids[cells], genes, counts, distinct) is None

@@ -29,7 +29,7 @@ from build_sclibrary.tokenizer import RankValueTokenizer
 
 log = logging.getLogger(__name__)
 SYMBOL_MAP = Path(__file__).parent / "reference" / "geneformer_v1" / "gene_symbol_to_ensembl.json"
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_ENSEMBL = re.compile(r"^ENS[A-Z]*\d{6,}(\.\d+)?$")  # ENSG, ENSMUSG, and ENSGR (PAR genes on Y)
 GENE_COLUMNS = ("ensembl_id", "feature_id", "gene_ids", "gene_id")
 
 

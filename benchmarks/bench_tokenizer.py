@@ -11,10 +11,19 @@ Cases:
   divide by the medians, then per cell take the non-zeros and argsort them (written here from
   that description; `kind="stable"` so ties order like ours and outputs compare exactly).
 - `ours-h5ad`: `RankValueTokenizer.tokenize_csr` over the same file read in backed mode,
-  4,096 rows at a time.
-- `ours-stream-20k` / `ours-stream-1m`: the tokenizer alone over a stream of 4,096-cell CSR
+  4,096 rows at a time, sorting on every core (`threads`), as `langcell tokenize` does.
+- `ours-tokenize-anndata`: `langcell tokenize` (`tokenize_anndata`, every core) on the same file,
+  writing a `datasets` dataset with the obs columns; its tokens are read back after timing.
+- `ours-stream-20k` / `ours-stream-1m`: the tokenizer alone, one thread, over a stream of 4,096-cell CSR
   chunks: the file's 20k cells held in memory once and streamed 1x / 50x (1,000,000 cells), to
   show that memory does not grow with the number of cells. Input generation is outside the timing.
+
+Library imports happen before each case's clock starts (the same for every case); reading the
+file, loading the vocabulary and compiling or loading the tokenizer's kernels are timed.
+
+End to end, `langcell build` of a synthetic ingest (`--build-cells`, default 100,000 cells,
+synth-census defaults) is timed with 1 and 2 worker processes; store, ingest and ontologies
+are made before the clock starts.
 
 `python -m benchmarks.bench_tokenizer [--cells 20000] [--no-record]` writes the table into the
 "Build scLibrary (tokenizer)" section of BENCHMARKS.md.
@@ -128,7 +137,7 @@ def ours_h5ad(path: str, max_length: int = 2048) -> _Digest:
     from build_sclibrary.tokenizer import RankValueTokenizer
 
     tokens, medians = _vocab()
-    tok = RankValueTokenizer(tokens, medians, max_length=max_length)
+    tok = RankValueTokenizer(tokens, medians, max_length=max_length, threads=os.cpu_count() or 1)
     adata = anndata.read_h5ad(path, backed="r")
     gene_ids = list(adata.var_names)
     n_counts = adata.obs["n_counts"].to_numpy()
@@ -166,9 +175,59 @@ def ours_stream(path: str, repeats: int, max_length: int = 2048):
     return first, cells, n_tokens, elapsed
 
 
+def ours_tokenize_anndata(path: str, out: str, max_length: int = 2048):
+    from build_sclibrary.anndata_io import tokenize_anndata
+    from build_sclibrary.tokenizer import RankValueTokenizer
+
+    tokens, medians = _vocab()
+    tokenize_anndata(path, RankValueTokenizer(tokens, medians, max_length=max_length, threads=os.cpu_count() or 1),
+                     out_dir=out, chunk_size=CHUNK)
+
+
+def _dataset_digest(out: str) -> _Digest:
+    import datasets
+
+    digest = _Digest()
+    ids = datasets.load_from_disk(out).data.column("input_ids")
+    for chunk in ids.chunks:
+        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+        digest.add(np.split(values, offsets[1:-1]) if len(chunk) else [])
+    return digest
+
+
+def build_case(ingest: str, workers: int) -> dict:
+    from build_sclibrary.build import build_library
+    from build_sclibrary.config import load_build_config
+
+    with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
+        started = time.perf_counter()
+        manifest = build_library(ingest, Path(tmp) / "lib", load_build_config(None, {"workers": workers}),
+                                 progress=False)
+        seconds = time.perf_counter() - started
+    cells = sum(split["n_cells"] for split in manifest["splits"].values())
+    return {"case": f"build-{workers}", "cells": cells, "seconds": round(seconds, 2),
+            "cells_per_s": round(cells / seconds, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _import_libraries() -> None:
+    import anndata  # noqa: F401
+    import datasets  # noqa: F401
+    import scipy.sparse  # noqa: F401
+
+    import build_sclibrary.anndata_io  # noqa: F401
+    import build_sclibrary.build  # noqa: F401
+
+
 def run_case(case: str, path: str, repeats: int) -> dict:
+    _import_libraries()
     started = time.perf_counter()
-    if case == "langcell-dense":
+    if case == "ours-tokenize-anndata":
+        with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:
+            ours_tokenize_anndata(path, f"{tmp}/dataset")
+            seconds = time.perf_counter() - started
+            digest = _dataset_digest(f"{tmp}/dataset")
+        sha, cells, n_tokens = digest.sha.hexdigest(), digest.cells, digest.tokens
+    elif case == "langcell-dense":
         digest = langcell_dense(path)
         seconds = time.perf_counter() - started
         sha, cells, n_tokens = digest.sha.hexdigest(), digest.cells, digest.tokens
@@ -184,6 +243,25 @@ def run_case(case: str, path: str, repeats: int) -> dict:
             "cells_per_s": round(cells / seconds, 1), "peak_rss_mb": round(peak_mb, 1), "sha256": sha}
 
 
+def _build_cases(tmp: Path, n_cells: int) -> list[dict]:
+    from ingest.census import ingest_census
+    from ingest.ontology import ingest_ontologies
+    from ingest.synth_census import build_synth_census
+
+    started = time.perf_counter()
+    build_synth_census(tmp / "store", n_cells, seed=0, progress=False)
+    ingest_census(tmp / "ingest", uri=str(tmp / "store"), obs_filter="is_primary_data == True",
+                  cells_per_part=max(1000, n_cells // 8), progress=False)
+    ingest_ontologies(tmp / "ingest")
+    print(f"made a {n_cells:,}-cell ingest in {time.perf_counter() - started:.0f}s", flush=True)
+    results = []
+    for workers in (1, 2):
+        result = _subprocess("build", tmp, 1, "--ingest", str(tmp / "ingest"), "--workers", str(workers))
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
 def _peak_rss_mb() -> float:
     """VmHWM of this process. Not ru_maxrss: Linux keeps that across exec, so a child would report
     its parent's peak (the parent held the generated matrix)."""
@@ -194,9 +272,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _subprocess(case: str, path: Path, repeats: int = 1) -> dict:
+def _subprocess(case: str, path: Path, repeats: int = 1, *extra: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tokenizer", "--case", case, "--h5ad", str(path),
-                          "--repeats", str(repeats)], cwd=ROOT, capture_output=True, text=True, check=False)
+                          "--repeats", str(repeats), *extra], cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -208,11 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genes", type=int, default=30_000)
     parser.add_argument("--detected", type=int, default=1_800)
     parser.add_argument("--big-cells", type=int, default=1_000_000, help="cells of the long streaming case")
+    parser.add_argument("--build-cells", type=int, default=100_000, help="cells of the end-to-end build (0: skip)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--ingest", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--h5ad", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.case == "build":
+        print(json.dumps(build_case(args.ingest, args.workers)))
+        return 0
     if args.case:
         print(json.dumps(run_case(args.case, args.h5ad, args.repeats)))
         return 0
@@ -226,11 +310,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - started:.0f}s", flush=True)
         repeats = max(1, round(args.big_cells / args.cells))
         results = []
-        for case, reps in (("ours-h5ad", 1), ("langcell-dense", 1), ("ours-stream-20k", 1), ("ours-stream-1m", repeats)):
+        for case, reps in (("ours-h5ad", 1), ("langcell-dense", 1), ("ours-tokenize-anndata", 1),
+                           ("ours-stream-20k", 1), ("ours-stream-1m", repeats)):
             result = _subprocess("ours-stream" if case.startswith("ours-stream") else case, path, reps)
             result["case"] = case
             print(json.dumps(result), flush=True)
             results.append(result)
+        builds = _build_cases(Path(tmp), args.build_cells) if args.build_cells else []
     shas = {r["sha256"] for r in results}
     if len(shas) != 1:
         raise SystemExit(f"tokens differ between cases: {[(r['case'], r['sha256'][:12]) for r in results]}")
@@ -241,16 +327,18 @@ def main(argv: list[str] | None = None) -> int:
              f"{detected:,.0f} detected genes per cell, mean {mean_len:.0f} tokens per cell; "
              f"{os.cpu_count()} cores, {platform.machine()}, one process per case; "
              f"{dt.date.today().isoformat()}). Same tokens in every case (sha256 {base['sha256'][:12]}).", "",
-             "| case | cells | cells/s | x LangCell dense | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| case | threads | cells | cells/s | x LangCell dense | peak RSS (MB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r['case']} | {r['cells']:,} | {r['cells_per_s']:,.0f} | "
+        threads = os.cpu_count() if r["case"] in ("ours-h5ad", "ours-tokenize-anndata") else 1
+        lines.append(f"| {r['case']} | {threads} | {r['cells']:,} | {r['cells_per_s']:,.0f} | "
                      f"{r['cells_per_s'] / base['cells_per_s']:.1f} | {r['peak_rss_mb']:,.0f} |")
     lines += ["", "langcell-dense: LangCell's per-file dense tokenizer re-implemented from its description "
               "(whole file read, coding genes densified, per-cell argsort). ours-h5ad: backed h5ad read in "
               f"{CHUNK}-cell chunks + tokenizer. ours-stream-*: the tokenizer alone over {CHUNK}-cell CSR chunks of "
               f"the same cells held in memory, streamed once (20k) and {repeats}x ({by['ours-stream-1m']['cells']:,} "
               "cells); its RSS includes the 20k cells held as input."]
-    ours = [by["ours-h5ad"], by["ours-stream-20k"], by["ours-stream-1m"]]
+    ours = [by["ours-h5ad"], by["ours-tokenize-anndata"], by["ours-stream-20k"], by["ours-stream-1m"]]
     speedups = [r["cells_per_s"] / base["cells_per_s"] for r in ours]
     peak = max(r["peak_rss_mb"] for r in ours)
     flat = by["ours-stream-1m"]["peak_rss_mb"] - by["ours-stream-20k"]["peak_rss_mb"]
@@ -259,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if peak < 1536 else 'NOT met'} ({peak:,.0f} MB); RSS from {args.cells:,} to "
               f"{by['ours-stream-1m']['cells']:,} cells: {flat:+.1f} MB. Load average before the run: "
               f"{load:.1f} (shared machine; both tokenizers ran under the same load)."]
+    if builds:
+        lines += ["", f"End to end: `langcell build` of a {args.build_cells:,}-cell synthetic ingest (synth-census "
+                  "defaults: 8,000 genes, 1,000-5,000 detected per cell; Geneformer v1 vocabulary; tokens, texts, "
+                  "webdataset shards, `datasets` splits, stats and manifest), from an empty output folder.", "",
+                  "| workers | cells | seconds | cells/s | peak RSS of the parent (MB) |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for r in builds:
+            lines.append(f"| {r['case'].split('-')[1]} | {r['cells']:,} | {r['seconds']:.1f} | {r['cells_per_s']:,.0f} | "
+                         f"{r['peak_rss_mb']:,.0f} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

@@ -44,6 +44,8 @@ def add_commands(subparsers) -> None:
     tokenize.add_argument("--gene-column", default=None, help="var column with gene ids (default var_names)")
     tokenize.add_argument("--max-length", type=int, default=2048)
     tokenize.add_argument("--chunk-size", type=int, default=2048, help="cells read at a time")
+    tokenize.add_argument("--threads", type=int, default=None,
+                          help="threads sorting each chunk's cells (default: every core)")
     tokenize.add_argument("--min-gene-match", type=float, default=0.5,
                           help="refuse files whose share of genes in the vocabulary is below this")
     tokenize.set_defaults(handler=_tokenize)
@@ -79,11 +81,13 @@ def _tokenize(args: argparse.Namespace) -> int:
     from build_sclibrary.tokenizer import RankValueTokenizer
     from build_sclibrary.vocab import geneformer_v1_vocab
 
+    threads = args.threads or os.cpu_count() or 1
     if args.vocab:
-        tokenizer = RankValueTokenizer.from_vocab_dir(args.vocab, max_length=args.max_length)
+        tokenizer = RankValueTokenizer.from_vocab_dir(args.vocab, max_length=args.max_length, threads=threads)
     else:
         tokens, medians = geneformer_v1_vocab()
-        tokenizer = RankValueTokenizer(tokens, medians, max_length=args.max_length, source="geneformer-v1")
+        tokenizer = RankValueTokenizer(tokens, medians, max_length=args.max_length, source="geneformer-v1",
+                                       threads=threads)
     report: dict = {}
     dataset = tokenize_anndata(args.input, tokenizer, out_dir=args.out, chunk_size=args.chunk_size,
                                layer=args.layer, gene_column=args.gene_column,

@@ -18,12 +18,14 @@ totals stay float32 until the float64 medians), so outputs match a dense referen
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from build_sclibrary import rank_kernels
 from langcell.errors import LangCellError
 
 PAD, MASK, CLS = "<pad>", "<mask>", "<cls>"
@@ -42,7 +44,7 @@ class RankValueTokenizer:
     """
 
     def __init__(self, token_dictionary: Mapping[str, int], gene_medians: Mapping[str, float],
-                 max_length: int = 2048, source: str = "vocab"):
+                 max_length: int = 2048, source: str = "vocab", threads: int = 1):
         if CLS not in token_dictionary:
             raise LangCellError(f"{source}: token dictionary has no '{CLS}' token; "
                                 "append it (LangCell uses the next id after the genes)")
@@ -65,6 +67,9 @@ class RankValueTokenizer:
         self.token_dictionary = dict(token_dictionary)
         self.gene_medians = dict(gene_medians)
         self.max_length = int(max_length)
+        # Row blocks run on this many threads (the compiled loops and numpy's sort release the GIL);
+        # 1 where processes already share the cores, e.g. `langcell build --workers`.
+        self.threads = max(1, int(threads))
         self.cls_id = int(token_dictionary[CLS])
         self.pad_id = int(token_dictionary.get(PAD, 0))
         self._gene_token = {g: int(token_dictionary[g]) for g in genes}
@@ -73,13 +78,14 @@ class RankValueTokenizer:
         self._block_nnz = 1 << 17
 
     @classmethod
-    def from_vocab_dir(cls, vocab_dir: str | os.PathLike, max_length: int = 2048) -> "RankValueTokenizer":
+    def from_vocab_dir(cls, vocab_dir: str | os.PathLike, max_length: int = 2048,
+                       threads: int = 1) -> "RankValueTokenizer":
         """Load `token_dictionary.json` and `gene_median_dictionary.json` from a `LIB/vocab` folder."""
         from langcell.files import read_json
 
         tokens = read_json(os.path.join(vocab_dir, "token_dictionary.json"), "token dictionary")
         medians = read_json(os.path.join(vocab_dir, "gene_median_dictionary.json"), "gene medians")
-        return cls(tokens, medians, max_length=max_length, source=str(vocab_dir))
+        return cls(tokens, medians, max_length=max_length, source=str(vocab_dir), threads=threads)
 
     def gene_plan(self, gene_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per column of `gene_ids` its position among the vocabulary columns (-1: not in the
@@ -143,13 +149,19 @@ class RankValueTokenizer:
             X.sum_duplicates()
         data, totals = _promoted(X.data, n_counts)
         limit = self.max_length - 1
-        flats, lengths = [], []
         # Row blocks of ~100k padded values keep the sort's temporaries in cache.
-        for r0, r1 in _row_blocks(X.indptr, self._block_nnz):
-            flat, length = self._tokenize_block(X.indptr, X.indices, data, totals, r0, r1,
-                                                position, tokens, medians, limit)
-            flats.append(flat)
-            lengths.append(length)
+        blocks = list(_row_blocks(X.indptr, self._block_nnz))
+
+        def run(block):
+            return self._tokenize_block(X.indptr, X.indices, data, totals, *block, position, tokens, medians, limit)
+
+        if self.threads > 1 and len(blocks) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(self.threads, len(blocks))) as pool:
+                results = list(pool.map(run, blocks))
+        else:
+            results = [run(block) for block in blocks]
+        flats = [flat for flat, _ in results]
+        lengths = [length for _, length in results]
         flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32)
         offsets = np.zeros(n_cells + 1, dtype=np.int64)
         if lengths:
@@ -157,8 +169,6 @@ class RankValueTokenizer:
         return flat, offsets
 
     def _tokenize_block(self, indptr, indices, data, totals, r0, r1, position, tokens, medians, limit):
-        from build_sclibrary import rank_kernels
-
         width = int(np.diff(indptr[r0:r1 + 1]).max()) if r1 > r0 else 0
         neg = np.empty((r1 - r0, max(width, 1)))
         entry_tokens = np.empty((r1 - r0, max(width, 1)), dtype=np.int32)

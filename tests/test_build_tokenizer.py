@@ -131,3 +131,18 @@ def test_vocab_medians_mismatch_and_missing_cls_are_refused():
     assert tok.tokenize_csr(sp.csr_matrix((0, 2)), ["ENSG00000000003", "x"]) == []
     with pytest.raises(LangCellError, match="gene ids"):
         tok.tokenize_csr(sp.csr_matrix((2, 3)), ["a", "b"])
+
+
+def test_threads_give_the_same_tokens():
+    X, symbols, n_counts, _ = pbmc68k_counts()
+    symbol_map = json.loads((REF / "gene_symbol_to_ensembl.json").read_text())
+    gene_ids = [symbol_map.get(s, s) for s in symbols]
+    tokens, medians = geneformer_v1_vocab()
+    results = []
+    for threads in (1, 3):
+        tok = RankValueTokenizer(tokens, medians, max_length=300, threads=threads)
+        tok._block_nnz = 5_000  # dozens of blocks, so the threads share them
+        results.append(tok.tokenize_csr_flat(X, gene_ids, n_counts))
+    (flat1, offsets1), (flat3, offsets3) = results
+    assert np.array_equal(offsets1, offsets3) and np.array_equal(flat1, flat3)
+    assert offsets1[-1] > 700 * 50

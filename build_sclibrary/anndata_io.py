@@ -89,6 +89,13 @@ def _open(path_or_adata):
 
 def _rows(adata, layer: str | None, start: int, stop: int):
     matrix = adata.layers[layer] if layer else adata.X
+    group = getattr(matrix, "group", None)  # a backed sparse matrix's HDF5 group
+    if getattr(matrix, "format", None) == "csr" and group is not None:
+        # Three slices read straight from HDF5: half the time of anndata's general slicing.
+        indptr = group["indptr"][start:stop + 1]
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return sp.csr_matrix((group["data"][lo:hi], group["indices"][lo:hi], indptr - lo),
+                             shape=(stop - start, matrix.shape[1]))
     block = matrix[start:stop]
     if hasattr(block, "to_memory"):
         block = block.to_memory()
@@ -171,7 +178,8 @@ def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str 
                 rows = np.flatnonzero(keep[start:stop])
                 if rows.size == 0:
                     continue
-                X = X[rows]
+                if rows.size < X.shape[0]:
+                    X = X[rows]
                 n_counts = obs_n_counts[start:stop][rows] if obs_n_counts is not None else None
                 flat, offsets = tokenizer.tokenize_csr_flat(X, match.gene_ids, n_counts)
                 ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, pa.int32()))

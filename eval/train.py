@@ -91,16 +91,17 @@ def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epoch
 
 
 class CellClassifier(nn.Module):
-    """LangCell-CE: the cell encoder's pooled <cls> state through a linear classification head."""
+    """LangCell-CE: the cell encoder's pooled state (as the model pools it) through a linear head."""
 
     def __init__(self, model, n_classes: int):
         super().__init__()
         self.cell_bert = model.cell_bert
+        self.pool_cells = model.pool_cells
         self.head = nn.Linear(model.cell_bert.config.hidden_size, n_classes)
 
     def forward(self, input_ids, attention_mask):
         hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden[:, 0])
+        return self.head(self.pool_cells(hidden, attention_mask))
 
 
 def train_classifier(clf: CellClassifier, seqs, labels: np.ndarray, epochs: int, lr: float, batch_size: int,

@@ -38,6 +38,10 @@ class CellEncoderConfig:
     attention_probs_dropout_prob: float = 0.02
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+    # The cell embedding: the <cls> state (LangCell, whose cell encoder starts from pretrained
+    # Geneformer) or the mean over the cell's tokens, which separates cells from the first step
+    # and keeps a randomly initialised encoder from collapsing under the SimCSE loss.
+    pooling: str = "cls"
 
 
 @dataclass

@@ -70,6 +70,7 @@ def save_langcell(model: LangCellModel, out: str | os.PathLike, *, vocab_dir: st
             "proj_dim": model.cell_proj.out_features,
             "cell_vocab_size": model.cell_bert.config.vocab_size,
             "text_max_length": model.text_max_length,
+            "cell_pooling": model.cell_pooling,
             "zero_shot": {"temperature": 0.05, "alpha": 0.1},
             **(extra_config or {}),
         })
@@ -155,6 +156,8 @@ def load_langcell(path: str | os.PathLike, device: str | torch.device = "cpu") -
         text_tokenizer=_load_text_tokenizer(path, text_bert.config.vocab_size),
         token_dictionary=_load_token_dictionary(path, cell_bert.config.vocab_size),
         text_max_length=int(config.get("text_max_length", 512)),
+        # LangCell's release has no config: it pools the <cls> state.
+        cell_pooling=config.get("cell_pooling", "cls"),
     )
     return model.to(device).eval()
 

@@ -140,8 +140,8 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
     # and the masking doubles as augmentation, so no third (unmasked) pass is needed.
     h1 = model.cell_bert(input_ids=masked, attention_mask=mask).last_hidden_state
     h2 = model.cell_bert(input_ids=masked, attention_mask=mask).last_hidden_state
-    z1 = F.normalize(model.cell_proj(h1[:, 0]), dim=-1)
-    z2 = F.normalize(model.cell_proj(h2[:, 0]), dim=-1)
+    z1 = F.normalize(model.cell_proj(model.pool_cells(h1, mask)), dim=-1)
+    z2 = F.normalize(model.cell_proj(model.pool_cells(h2, mask)), dim=-1)
     parts = {
         "mlm": 0.5 * (mlm_loss(model.mlm_head, h1, labels) + mlm_loss(model.mlm_head, h2, labels)),
         "cell_cell": cell_cell_contrastive(z1, z2, simcse_temperature),

@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from langcell.errors import LangCellError
 from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
 
+POOLINGS = ("cls", "mean")
+
 CELL_PAD_ID = 0
 CELL_MASK_ID = 1
 
@@ -312,8 +314,12 @@ class LangCellModel(nn.Module):
     """
 
     def __init__(self, cell_bert, cell_proj, text_bert=None, text_proj=None, ctm_head=None,
-                 text_tokenizer=None, token_dictionary=None, text_max_length: int = 128):
+                 text_tokenizer=None, token_dictionary=None, text_max_length: int = 128, cell_pooling: str = "cls"):
         super().__init__()
+        if cell_pooling not in POOLINGS:
+            raise LangCellError(f"cell pooling {cell_pooling!r} is not one of {', '.join(POOLINGS)}; "
+                                "set model.cell.pooling to cls or mean")
+        self.cell_pooling = cell_pooling
         self.cell_bert = cell_bert
         self.cell_proj = cell_proj
         self.text_bert = text_bert
@@ -327,10 +333,17 @@ class LangCellModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def pool_cells(self, hidden, attention_mask):
+        """[B,H] cell states from the encoder's [B,L,H]: the <cls> state or the mean over tokens."""
+        if self.cell_pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
     def encode_cells(self, input_ids, attention_mask):
         """(L2-normalised [B,256] embeddings, last hidden states [B,L,H])."""
         hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.cell_proj(hidden[:, 0]), dim=-1), hidden
+        return F.normalize(self.cell_proj(self.pool_cells(hidden, attention_mask)), dim=-1), hidden
 
     def encode_texts(self, input_ids, attention_mask):
         hidden = self.text_bert(input_ids, attention_mask, mode="text")
@@ -361,7 +374,7 @@ class LangCellPretrainModel(LangCellModel):
             text_proj = nn.Linear(text_bert.config.hidden_size, cfg.proj_dim)
             ctm_head = nn.Linear(text_bert.config.hidden_size, 2)
         super().__init__(cell_bert, cell_proj, text_bert, text_proj, ctm_head,
-                         text_max_length=cfg.text.max_length)
+                         text_max_length=cfg.text.max_length, cell_pooling=cfg.cell.pooling)
         self.model_config = cfg
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)

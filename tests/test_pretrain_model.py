@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -18,9 +19,9 @@ from langcell.errors import LangCellError
 from tests.pretrain_helpers import MODEL, VOCAB
 
 
-def _tiny_model(seed=0) -> LangCellPretrainModel:
+def _tiny_model(seed=0, pooling="cls") -> LangCellPretrainModel:
     torch.manual_seed(seed)
-    cfg = from_dict(ModelConfig, MODEL, "test")
+    cfg = from_dict(ModelConfig, {**MODEL, "cell": {**MODEL["cell"], "pooling": pooling}}, "test")
     model = LangCellPretrainModel(cfg).eval()
     model.text_tokenizer = load_text_tokenizer(cfg.text)
     return model
@@ -75,6 +76,25 @@ def test_export_then_load_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()],
                               hidden[mask.bool()], atol=1e-5)
+
+
+def test_mean_pooling_skips_padding_and_survives_export(tmp_path):
+    model = _tiny_model(pooling="mean")
+    ids, mask = _cells()
+    with torch.no_grad():
+        emb, hidden = model.encode_cells(ids, mask)
+        padded = ids.clone()
+        padded[1, 12:] = 5  # what sits under the padding must not matter
+        emb_other, _ = model.encode_cells(padded, mask)
+    expected = torch.nn.functional.normalize(model.cell_proj(hidden[1, :12].mean(dim=0)), dim=-1)
+    assert torch.allclose(emb[1], expected, atol=1e-6) and torch.allclose(emb, emb_other, atol=1e-6)
+    assert not torch.allclose(emb, torch.nn.functional.normalize(model.cell_proj(hidden[:, 0]), dim=-1), atol=1e-3)
+    loaded = load_langcell(save_langcell(model, tmp_path / "export", vocab_dir=_vocab_dir(tmp_path)))
+    assert loaded.cell_pooling == "mean"
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_cells(ids, mask)[0], emb, atol=1e-6)
+    with pytest.raises(LangCellError, match="cell pooling 'max'"):
+        _tiny_model(pooling="max")
 
 
 def test_loads_langcell_published_layout(tmp_path):
@@ -240,3 +260,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
                       model.text_bert.encoder.layer[0].crossattention.self.value.weight.grad.clone()))
     assert abs(grads[0][0] - grads[1][0]) < 1e-5
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5) and torch.allclose(grads[0][2], grads[1][2], atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_simcse_from_random_weights_collapses_with_cls_pooling_only(pooling):
+    """Why the shipped configs pool by mean: from random weights every cell's <cls> state is the
+    same vector, SimCSE cannot tell two views of one cell from two cells, and training leaves the
+    loss at ln(batch); mean-pooled cells start apart and the loss falls."""
+    from pretrain.losses import cell_cell_contrastive
+
+    model = _tiny_model(pooling=pooling).train()
+    ids, mask = _cells(b=16, length=40)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(25):
+        views = [torch.nn.functional.normalize(model.cell_proj(model.pool_cells(
+            model.cell_bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask)), dim=-1) for _ in (0, 1)]
+        loss = cell_cell_contrastive(*views, 0.05)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        emb = model.eval().encode_cells(ids, mask)[0]
+    off_diagonal = ((emb @ emb.t()).sum() - 16) / (16 * 15)
+    if pooling == "cls":
+        assert off_diagonal > 0.99 and abs(loss.item() - math.log(16)) < 0.1
+    else:
+        assert off_diagonal < 0.7 and loss.item() < 0.5

@@ -44,10 +44,15 @@ def format_section(out: Path, seconds: float, command: str) -> str:
         done = json.loads((out / "run" / f"stage{stage}" / "done.json").read_text())
         losses = ", ".join(f"{k} {done[k]:.3f}" for k in ("mlm", "cell_cell", "cell_text", "ctm") if k in done)
         lines.append(f"Pre-training stage {stage}: {done['step']} steps, last losses {losses}.")
-    lines += ["", "Reading these numbers: the pipeline runs end to end in the time budget; the demo model is "
-              "near chance at zero-shot, below the majority-class rate (README, Honest limits: the randomly initialised cell "
-              "encoder's <cls> embedding collapses under the cell-cell objective), while the baselines "
-              "on the same cells show the types are separable."]
+    if zs["accuracy"] > summary["majority"]:
+        standing = "above the majority-class rate"
+    elif zs["accuracy"] > 2 * summary["chance"]:
+        standing = "above chance but below the majority-class rate"
+    else:
+        standing = "near chance"
+    lines += ["", f"Reading these numbers: the pipeline runs end to end in the time budget; the demo model's "
+              f"zero-shot accuracy is {standing}, from a randomly initialised 4-layer cell encoder trained for "
+              "minutes on a CPU; the few-shot baselines on the same cells show how separable the types are."]
     return "\n".join(lines)
 
 

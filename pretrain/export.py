@@ -7,7 +7,7 @@
     EXPORT/ctm_head.bin          torch.save(nn.Linear(H_text, 2).state_dict())
     EXPORT/tokenizer/            the text tokenizer
     EXPORT/vocab/                token_dictionary.json, gene_median_dictionary.json
-    EXPORT/langcell_config.json  format, text max length, zero-shot defaults
+    EXPORT/langcell_config.json  format, text max length, cell pooling, zero-shot defaults
 
 LangCell's own release has the first five (their text_bert as pytorch_model.bin, no token-type
 table) but no tokenizer, vocab or config; `load_langcell` fills those from what the release

@@ -39,8 +39,9 @@ def row_major_to_csr(joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, 
     the rows `joinids` (ascending); None when some cell is not in `joinids`."""
     indptr = np.append(np.searchsorted(cells, joinids), cells.size)
     # Each row's range starts at its own cell, and there are as many rows with entries as cells.
-    starts = indptr[:-1][indptr[1:] > indptr[:-1]]
-    if indptr[0] != 0 or starts.size != distinct or not np.array_equal(cells[starts], joinids[indptr[1:] > indptr[:-1]]):
+    nonempty = indptr[1:] > indptr[:-1]
+    starts = indptr[:-1][nonempty]
+    if indptr[0] != 0 or starts.size != distinct or not np.array_equal(cells[starts], joinids[nonempty]):
         return None
     return indptr, genes.astype(np.int32), data.astype(np.float32, copy=False)
 

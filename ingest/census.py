@@ -55,6 +55,7 @@ range of the part, which holds the part's cells even when its first or last cell
 from __future__ import annotations
 
 import concurrent.futures
+import collections
 import concurrent.futures.process
 import contextlib
 import errno
@@ -97,6 +98,12 @@ COMPUTED = ("n_counts", "gene_index", "counts")
 # Settings that define what a folder holds; a rerun must repeat them exactly.
 IDENTITY_KEYS = ("format", "source", "organism", "obs_filter", "var_filter", "max_cells", "cells_per_part",
                  "plan", "n_genes", "genes_sha256")
+# TileDB settings of every read, on top of the Census' defaults. Result buffers of 16 MiB per
+# column (the Census asks for 1 GiB) stay below glibc's largest mmap threshold, so the heap hands
+# the same pages back for every batch; and TileDB no longer gives freed memory back to the kernel
+# after each query. Otherwise a chunk's ~2 GB of result and tile buffers are fresh pages every time,
+# and faulting them in cost as much CPU as the read itself (see BENCHMARKS.md, Ingest).
+READ_CONFIG = {"soma.init_buffer_bytes": 16 << 20, "sm.mem.malloc_trim": "false"}
 # Test hook: "EVENT:K" SIGKILLs the process the K-th time EVENT happens, so tests can kill a run
 # at exactly the moments that matter (mid-part, after a rename but before the manifest update).
 CRASH_ENV = "LANGCELL_INGEST_CRASH_AT"
@@ -265,8 +272,8 @@ def _open_handle(source: Source):
 
     try:
         if source.uri is not None:
-            return cellxgene_census.open_soma(uri=source.uri)
-        return cellxgene_census.open_soma(census_version=source.census_version)
+            return cellxgene_census.open_soma(uri=source.uri, tiledb_config=READ_CONFIG)
+        return cellxgene_census.open_soma(census_version=source.census_version, tiledb_config=READ_CONFIG)
     except Exception as exc:
         raise LangCellError(f"{source.describe()}: cannot open the SOMA store ({_first_line(exc)}); check the "
                             "path or the network") from None
@@ -513,8 +520,8 @@ def _run_parts(task: _PartTask, pending: list[dict[str, Any]], manifest: dict[st
         if workers == 1 or len(pending) <= 1:
             with _open_handle(task.source) as census:
                 experiment = _experiment(census, task.source, task.organism)
-                for part in pending:
-                    record(_write_part(experiment, task, part, bar.update))
+                for result in _write_parts(experiment, task, pending, bar.update, _row_buffers()):
+                    record(result)
         else:
             _run_pool(task, pending, record, bar, workers)
     finally:
@@ -567,10 +574,84 @@ def _worker_part(task: _PartTask, part: dict[str, Any]) -> dict[str, Any]:
     if "census" not in _WORKER:
         _WORKER["census"] = _open_handle(task.source)
         _WORKER["experiment"] = _experiment(_WORKER["census"], task.source, task.organism)
-    return _write_part(_WORKER["experiment"], task, part, _WORKER["queue"].put)
+        _WORKER["buffers"] = _row_buffers()
+    return next(_write_parts(_WORKER["experiment"], task, [part], _WORKER["queue"].put, _WORKER["buffers"]))
 
 
-def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Callable[[int], None]) -> dict[str, Any]:
+def _row_buffers() -> list[coo_rows.RowBuffers]:
+    """The chunks in flight in `_write_parts` (one being read, one being encoded, one built in
+    between), each with its own buffers, kept across parts so the run settles on one allocation."""
+    return [coo_rows.RowBuffers() for _ in range(3)]
+
+
+@dataclass(frozen=True)
+class _Step:
+    part: dict[str, Any]
+    joinids: np.ndarray
+    first: bool
+    last: bool
+
+
+def _write_parts(experiment, task: _PartTask, parts: list[dict[str, Any]], advance: Callable[[int], None],
+                 buffers: list[coo_rows.RowBuffers]) -> Iterator[dict[str, Any]]:
+    """Write `parts` through one pipeline; yield each part's result, in order, once its file is in place.
+
+    TileDB reads chunk k+1 into the next buffers while parquet encodes chunk k-1 (both release the
+    GIL) and this thread turns chunk k into a table. Chunk k+1 takes the buffers of chunk k-2,
+    whose write has been waited for. Writes stay in chunk order, so each file is deterministic.
+    The pipeline runs on across part boundaries, and a part's file is finished (fsync, rename,
+    sha256) in a third thread, so neither lane waits for the other at the end of a part.
+    """
+    source, X = task.source, experiment.ms["RNA"].X["raw"]
+    schema = _cells_schema(experiment.obs.schema, task.obs_columns)
+    plan = _chunk_plan(experiment, task, parts)
+    step = next(plan)
+    files: list[_PartFile] = []
+    finishing: collections.deque = collections.deque()
+    # The pools are left (waiting for their threads) before an unfinished file is removed, also on errors.
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as lanes, concurrent.futures.ThreadPoolExecutor(1) as finisher:
+            def read(step: _Step, number: int):
+                return lanes.submit(_read_chunk, experiment, X, source, step.joinids, task.obs_columns,
+                                    task.keep_map.size, buffers[number % len(buffers)])
+
+            reading, writing, number = read(step, 0), None, 0
+            while step is not None:
+                obs = reading.result()
+                following = next(plan, None)
+                if following is not None:
+                    reading = read(following, number + 1)
+                table = _build_chunk(source, step.joinids, obs, buffers[number % len(buffers)], task.keep_map,
+                                     schema, task.obs_columns)
+                if writing is not None:
+                    writing.result()
+                    _chunk_written(advance, previous)
+                if step.first:
+                    files.append(_PartFile(Path(task.out), step.part, schema))
+                writing = lanes.submit(files[-1].write, table, step.joinids.size)
+                if step.last:
+                    finishing.append(finisher.submit(files[-1].finish_after, writing))
+                while finishing and finishing[0].done():
+                    yield finishing.popleft().result()
+                previous, step, number = step.joinids.size, following, number + 1
+            writing.result()
+            _chunk_written(advance, previous)
+            while finishing:
+                yield finishing.popleft().result()
+    finally:
+        for file in files:
+            file.abort()
+
+
+def _chunk_plan(experiment, task: _PartTask, parts: list[dict[str, Any]]) -> Iterator[_Step]:
+    for part in parts:
+        joinids = _part_joinids(experiment, task, part)
+        starts = range(0, joinids.size, task.chunk_cells)
+        for start in starts:
+            yield _Step(part, joinids[start:start + task.chunk_cells], start == starts[0], start == starts[-1])
+
+
+def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> np.ndarray:
     source = task.source
     try:
         found = experiment.obs.read(coords=(slice(part["joinid_min"], part["joinid_max"]),),
@@ -582,36 +663,39 @@ def _write_part(experiment, task: _PartTask, part: dict[str, Any], advance: Call
         raise LangCellError(f"{source.describe()}: {joinids.size} cells pass the filter in soma_joinid "
                             f"[{part['joinid_min']}, {part['joinid_max']}], the plan has {part['planned_rows']}; "
                             "the store changed since the plan was made, ingest into a new --out")
-    schema = _cells_schema(experiment.obs.schema, task.obs_columns)
-    X = experiment.ms["RNA"].X["raw"]
-    chunks = [joinids[start:start + task.chunk_cells] for start in range(0, joinids.size, task.chunk_cells)]
-    final = Path(task.out) / part["name"]
-    rows = empty = 0
-    # Three stages overlap: TileDB reads chunk k+1 and parquet encodes chunk k-1 (both release the
-    # GIL) while numpy builds chunk k. Writes stay in chunk order, so the file is deterministic,
-    # and at most three chunks are in memory.
-    # The thread pool is left (waiting for its threads) before the writer is closed, also on errors.
-    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, **_part_encoding(schema)) as writer:
-        with concurrent.futures.ThreadPoolExecutor(2) as threads:
-            reading = threads.submit(_fetch_chunk, experiment, X, chunks[0], task.obs_columns)
-            writing = None
-            for number, chunk in enumerate(chunks):
-                fetched = reading.result()
-                if number + 1 < len(chunks):
-                    reading = threads.submit(_fetch_chunk, experiment, X, chunks[number + 1], task.obs_columns)
-                table = _build_chunk(source, chunk, *fetched, task.keep_map, schema, task.obs_columns)
-                del fetched
-                if writing is not None:
-                    writing.result()
-                    _chunk_written(advance, previous)
-                writing = threads.submit(writer.write_table, table, row_group_size=max(table.num_rows, 1))
-                previous = chunk.size
-                rows += table.num_rows
-                empty += chunk.size - table.num_rows
-            writing.result()
-            _chunk_written(advance, previous)
-    _crash_point("part_renamed")
-    return {"name": part["name"], "rows": rows, "empty_cells": empty, "sha256": sha256_file(final)}
+    return joinids
+
+
+class _PartFile:
+    """One part's parquet file, written under a temporary name and renamed into place when complete."""
+
+    def __init__(self, out: Path, part: dict[str, Any], schema: pa.Schema):
+        self._name, self._final = part["name"], out / part["name"]
+        self._files = contextlib.ExitStack()
+        tmp = self._files.enter_context(atomic_path(self._final))
+        self._writer = self._files.enter_context(pq.ParquetWriter(tmp, schema, **_part_encoding(schema)))
+        self._rows = self._empty = 0
+        self._done = False
+
+    def write(self, table: pa.Table, cells: int) -> None:
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._rows += table.num_rows
+        self._empty += cells - table.num_rows
+
+    def finish_after(self, writing: concurrent.futures.Future) -> dict[str, Any]:
+        """Once the last write is done: close, rename into place, and the part's manifest entry."""
+        writing.result()
+        self._files.close()
+        self._done = True
+        _crash_point("part_renamed")
+        return {"name": self._name, "rows": self._rows, "empty_cells": self._empty,
+                "sha256": sha256_file(self._final)}
+
+    def abort(self) -> None:
+        """Remove the temporary file of a part that was not finished."""
+        if not self._done:
+            self._done = True
+            self._files.__exit__(LangCellError, LangCellError("ingest stopped"), None)
 
 
 def _chunk_written(advance: Callable[[int], None], cells: int) -> None:
@@ -645,16 +729,32 @@ def _cells_schema(obs_schema: pa.Schema, obs_columns: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _fetch_chunk(experiment, X, joinids: np.ndarray, obs_columns: list[str]):
-    """The I/O of one chunk: its obs rows and the COO entries of its X rows, as TileDB returns them."""
+def _read_chunk(experiment, X, source: Source, joinids: np.ndarray, obs_columns: list[str], n_genes: int,
+                rows: coo_rows.RowBuffers) -> pa.Table:
+    """The I/O of one chunk: its obs rows (returned) and the X entries of its cells, appended to
+    `rows` batch by batch and checked on the way."""
     obs = experiment.obs.read(coords=(joinids,), column_names=["soma_joinid", *obs_columns]).concat()
-    coo = pa.concat_tables(list(X.read(coords=(joinids, slice(None))).tables()))
-    return obs, coo
+    rows.clear()
+    for cells, genes, data in _coo_batches(X, joinids):
+        valid, largest = rows.append(cells, genes, data)
+        if not valid:
+            _check_counts(source, data, cells)
+        if largest >= n_genes:
+            raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {largest} beyond var; "
+                                "the store is corrupt, rebuild it")
+    return obs
 
 
-def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Table, keep_map: np.ndarray,
-                 schema: pa.Schema, obs_columns: list[str]) -> pa.Table:
-    """Obs rows and sparse count rows of `joinids` (ascending) as a table in `schema`, empty cells dropped."""
+def _coo_batches(X, joinids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(cells, genes, counts) of X's entries in the rows `joinids`, one TileDB result batch at a time."""
+    for batch in X.read(coords=(joinids, slice(None))).tables():
+        yield tuple(batch[name].to_numpy() for name in ("soma_dim_0", "soma_dim_1", "soma_data"))
+
+
+def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, rows: coo_rows.RowBuffers,
+                 keep_map: np.ndarray, schema: pa.Schema, obs_columns: list[str]) -> pa.Table:
+    """Obs rows and sparse count rows of `joinids` (ascending) as a table in `schema`, empty cells
+    dropped. The list columns are views of `rows`' arrays: write the table before `rows` is reused."""
     obs = obs.take(pa.array(np.argsort(obs["soma_joinid"].to_numpy(), kind="stable")))
     obs_joinids = obs["soma_joinid"].to_numpy()
     if obs_joinids.size != joinids.size or not np.array_equal(obs_joinids, joinids):
@@ -663,45 +763,41 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, coo: pa.Tab
             f"{obs_joinids.size} obs rows for {joinids.size} soma_joinids"
         raise LangCellError(f"{source.describe()}: obs {what}; the store is corrupt, rebuild it")
 
-    cells = coo["soma_dim_0"].to_numpy()
-    genes = coo["soma_dim_1"].to_numpy()
-    data = coo["soma_data"].to_numpy()
-    del coo
-    valid, row_major, distinct, largest = coo_rows.scan(cells, genes, data)
-    if not valid:
-        _check_counts(source, data, cells)
-    if largest >= keep_map.size:
-        raise LangCellError(f"{source.describe()}: X raw has gene soma_joinid {int(largest)} beyond var; "
-                            "the store is corrupt, rebuild it")
-    if data.size and not data.all():  # explicit zeros are no counts; the contract's counts are all > 0
-        nonzero = data != 0
-        cells, genes, data = cells[nonzero], genes[nonzero], data[nonzero]
-        distinct = int(np.count_nonzero(cells[1:] != cells[:-1])) + 1 if cells.size else 0
-    rows = coo_rows.row_major_to_csr(joinids, cells, genes, data, distinct) if row_major else None
-    indptr, indices, values = rows or _general_rows(source, joinids, cells, genes, data, keep_map.size)
-    del cells, genes, data
-    n_counts = coo_rows.row_sums(indptr, values)
+    if rows.row_major:
+        # Every run is a whole non-empty row, in row order.
+        run_cells, starts, n_counts = rows.runs
+        row_of = np.searchsorted(joinids, run_cells)
+        if run_cells.size and (row_of[-1] >= joinids.size or not np.array_equal(joinids[row_of], run_cells)):
+            outside = run_cells[(row_of >= joinids.size) | (joinids[np.minimum(row_of, joinids.size - 1)] != run_cells)]
+            _raise_outside(source, int(outside[0]))
+        indptr = np.append(starts, rows.genes.size)
+        indices, values = rows.genes, rows.counts
+    else:
+        indptr, indices, values = _general_rows(source, joinids, rows.entry_cells(), rows.genes, rows.counts,
+                                                keep_map.size)
+        n_counts = coo_rows.row_sums(indptr, values)
+        row_of = np.flatnonzero(indptr[1:] > indptr[:-1])
+        indptr, n_counts = np.append(indptr[:-1][row_of], indptr[-1]), n_counts[row_of]
     if not _is_identity(keep_map):
         gene_index = keep_map[indices]
         kept = gene_index >= 0
         # keep_map grows with the var joinid, so each row's kept genes stay ascending.
         indptr = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[indptr]
-        indices, values = gene_index[kept], values[kept]
-    row_nnz = np.diff(indptr)
-    nonempty = row_nnz > 0
-    offsets = np.zeros(int(nonempty.sum()) + 1, dtype=np.int64)
-    np.cumsum(row_nnz[nonempty], out=offsets[1:])
-    if offsets[-1] > np.iinfo(np.int32).max:
-        raise LangCellError(f"{source.describe()}: a chunk holds {offsets[-1]} counts, more than a parquet list "
+        indices, values = gene_index[kept].astype(np.int32), values[kept]
+        nonempty = indptr[1:] > indptr[:-1]
+        row_of, n_counts = row_of[nonempty], n_counts[nonempty]
+        indptr = np.append(indptr[:-1][nonempty], indptr[-1])
+    if indptr[-1] > np.iinfo(np.int32).max:
+        raise LangCellError(f"{source.describe()}: a chunk holds {indptr[-1]} counts, more than a parquet list "
                             "column takes; lower --chunk-cells")
-    offsets = pa.array(offsets.astype(np.int32))
-    if not nonempty.all():
-        obs = obs.filter(pa.array(nonempty))
+    offsets = pa.array(indptr.astype(np.int32))
+    if row_of.size != joinids.size:
+        obs = obs.take(pa.array(row_of))
     columns = [obs["soma_joinid"].cast(pa.int64())]
     columns += [_plain(obs[name]).cast(schema.field(name).type) for name in obs_columns]
-    columns += [pa.array(n_counts[nonempty], pa.float64()),
-                pa.ListArray.from_arrays(offsets, pa.array(indices.astype(np.int32, copy=False))),
-                pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32, copy=False)))]
+    columns += [pa.array(n_counts, pa.float64()),
+                pa.ListArray.from_arrays(offsets, pa.array(indices)),
+                pa.ListArray.from_arrays(offsets, pa.array(values))]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -718,9 +814,11 @@ def _general_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes:
     import scipy.sparse as sp
 
     if data.size == 0:
-        return np.zeros(joinids.size + 1, dtype=np.int64), genes.astype(np.int32), data.astype(np.float32)
-    matrix = sp.csr_matrix((data, (_local_rows(joinids, cells), genes.astype(np.int32))),
-                           shape=(joinids.size, n_genes))
+        return np.zeros(joinids.size + 1, dtype=np.int64), genes, data
+    local = _local_rows(joinids, cells)
+    if local.min() < 0:
+        _raise_outside(source, int(cells[np.argmin(local)]))
+    matrix = sp.csr_matrix((data, (local, genes)), shape=(joinids.size, n_genes))
     if matrix.nnz != data.size:
         _raise_duplicate(source, cells, genes)
     return matrix.indptr, matrix.indices, matrix.data
@@ -732,6 +830,11 @@ def _local_rows(joinids: np.ndarray, cells: np.ndarray) -> np.ndarray:
     import tiledbsoma
 
     return tiledbsoma.IntIndexer(joinids).get_indexer(cells).astype(np.int32)
+
+
+def _raise_outside(source: Source, cell: int):
+    raise LangCellError(f"{source.describe()}: X raw returned cell soma_joinid {cell}, which is not among the cells "
+                        "read; the store is corrupt, rebuild it")
 
 
 def _raise_duplicate(source: Source, cells: np.ndarray, genes: np.ndarray):

@@ -331,23 +331,30 @@ def test_bad_counts(tmp_path, value, problem):
     assert not (tmp_path / "out/cells/part-00000.parquet").exists()
 
 
-def _chunk_inputs(obs_joinids, entries):
+def _chunk_inputs(obs_joinids, entries, batch=None):
+    """Obs rows and X entries of a chunk as `_build_chunk` takes them: the entries appended to
+    RowBuffers in batches of `batch` (all at once by default), as TileDB returns them."""
     import pyarrow as pa
 
     from ingest.census import Source, _cells_schema
+    from ingest.coo_rows import RowBuffers
 
     obs = pa.table({"soma_joinid": pa.array(obs_joinids, pa.int64())})
-    cells, genes, counts = zip(*entries)
-    coo = pa.table({"soma_dim_0": pa.array(cells, pa.int64()), "soma_dim_1": pa.array(genes, pa.int64()),
-                    "soma_data": pa.array(counts, pa.float32())})
-    return Source(None, "/store"), obs, coo, np.arange(3, dtype=np.int32), _cells_schema(obs.schema, [])
+    cells, genes, counts = (np.asarray(column, dtype) for column, dtype in
+                            zip(zip(*entries), (np.int64, np.int64, np.float32)))
+    rows = RowBuffers()
+    step = batch or max(cells.size, 1)
+    for start in range(0, cells.size, step):
+        assert rows.append(cells[start:start + step], genes[start:start + step], counts[start:start + step])[0]
+    return Source(None, "/store"), obs, rows, np.arange(3, dtype=np.int32), _cells_schema(obs.schema, [])
 
 
 def test_chunk_builder_sorts_rows_and_drops_empty_cells():
     from ingest.census import _build_chunk
 
-    source, obs, coo, keep, schema = _chunk_inputs([9, 4, 7], [(9, 2, 5.0), (4, 1, 1.0), (9, 0, 2.0), (4, 0, 0.0)])
-    table = _build_chunk(source, np.array([4, 7, 9]), obs, coo, keep, schema, []).to_pydict()
+    source, obs, rows, keep, schema = _chunk_inputs([9, 4, 7], [(9, 2, 5.0), (4, 1, 1.0), (9, 0, 2.0), (4, 0, 0.0)])
+    assert not rows.row_major and rows.explicit_zeros == 1
+    table = _build_chunk(source, np.array([4, 7, 9]), obs, rows, keep, schema, []).to_pydict()
     assert table == {"soma_joinid": [4, 9], "n_counts": [1.0, 7.0], "gene_index": [[1], [0, 2]],
                      "counts": [[1.0], [2.0, 5.0]]}
 
@@ -355,12 +362,17 @@ def test_chunk_builder_sorts_rows_and_drops_empty_cells():
 def test_duplicate_joinids_and_entries_are_refused():
     from ingest.census import _build_chunk
 
-    source, obs, coo, keep, schema = _chunk_inputs([4, 7, 7], [(4, 0, 1.0)])
+    source, obs, rows, keep, schema = _chunk_inputs([4, 7, 7], [(4, 0, 1.0)])
     with pytest.raises(LangCellError, match="/store: obs soma_joinid 7 appears more than once; the store is corrupt"):
-        _build_chunk(source, np.array([4, 7]), obs, coo, keep, schema, [])
-    source, obs, coo, keep, schema = _chunk_inputs([4, 7], [(4, 0, 1.0), (7, 2, 2.0), (7, 2, 3.0)])
+        _build_chunk(source, np.array([4, 7]), obs, rows, keep, schema, [])
+    source, obs, rows, keep, schema = _chunk_inputs([4, 7], [(4, 0, 1.0), (7, 2, 2.0), (7, 2, 3.0)])
+    assert not rows.row_major  # a gene twice in a cell is out of row-major order
     with pytest.raises(LangCellError, match="cell soma_joinid 7 x gene soma_joinid 2 more than once"):
-        _build_chunk(source, np.array([4, 7]), obs, coo, keep, schema, [])
+        _build_chunk(source, np.array([4, 7]), obs, rows, keep, schema, [])
+    for entries in ([(4, 0, 1.0), (5, 1, 1.0)], [(5, 1, 1.0), (4, 0, 1.0)]):  # row-major or not
+        source, obs, rows, keep, schema = _chunk_inputs([4, 7], entries)
+        with pytest.raises(LangCellError, match="X raw returned cell soma_joinid 5, which is not among the cells"):
+            _build_chunk(source, np.array([4, 7]), obs, rows, keep, schema, [])
 
 
 def test_bad_arguments(store, tmp_path):
@@ -372,12 +384,10 @@ def test_bad_arguments(store, tmp_path):
 
 
 def test_row_major_fast_path_equals_general_path():
-    """The compiled pass (entries in row-major order) and the counting sort (any order) build the
-    same rows from the same entries: explicit zeros, empty cells and a gene filter included."""
-    import pyarrow as pa
-
-    from ingest import coo_rows
-    from ingest.census import Source, _build_chunk, _cells_schema
+    """Row-major entries (every run a whole row) and the counting sort (any order) build the same
+    rows from the same entries, however TileDB cuts them into batches: explicit zeros, empty
+    cells, a cell split across batches and a gene filter included."""
+    from ingest.census import _build_chunk
 
     rng = np.random.default_rng(0)
     joinids = np.sort(rng.choice(10_000, 300, replace=False))
@@ -386,25 +396,50 @@ def test_row_major_fast_path_equals_general_path():
     cells, genes = np.nonzero(dense)
     counts = dense[cells, genes].astype(np.float32)
     counts[::11] = 0  # explicit zeros
-    obs = pa.table({"soma_joinid": pa.array(joinids, pa.int64())})
-    schema = _cells_schema(obs.schema, [])
     keep = np.where(np.arange(40) % 3 == 0, -1, np.cumsum(np.arange(40) % 3 != 0) - 1).astype(np.int64)
     tables = []
-    for order in (np.arange(cells.size), rng.permutation(cells.size)):
-        coo = pa.table({"soma_dim_0": pa.array(joinids[cells[order]]), "soma_dim_1": pa.array(genes[order]),
-                        "soma_data": pa.array(counts[order])})
-        row_major = coo_rows.scan(joinids[cells[order]], genes[order], counts[order])[1]
-        tables.append((row_major, _build_chunk(Source(None, "/s"), joinids, obs, coo, keep, schema, []).to_pydict()))
-    (fast_row_major, fast), (general_row_major, general) = tables
-    assert fast_row_major and not general_row_major
-    assert fast == general
+    for order, batch in ((np.arange(cells.size), None), (np.arange(cells.size), 7),
+                         (rng.permutation(cells.size), None), (rng.permutation(cells.size), 100)):
+        entries = list(zip(joinids[cells[order]], genes[order], counts[order]))
+        source, obs, rows, _, schema = _chunk_inputs(joinids, entries, batch)
+        tables.append((rows.row_major, _build_chunk(source, joinids, obs, rows, keep, schema, []).to_pydict()))
+        assert rows.explicit_zeros == np.count_nonzero(counts == 0)
+    assert [row_major for row_major, _ in tables] == [True, True, False, False]
+    assert all(table == tables[0][1] for _, table in tables)
+    fast = tables[0][1]
     assert len(fast["soma_joinid"]) < 300 and max(max(g) for g in fast["gene_index"]) < keep.max() + 1
-    bad = counts.copy()
-    bad[5] = 1.5
-    assert not coo_rows.scan(joinids[cells], genes, bad)[0]
-    valid, row_major, distinct, largest = coo_rows.scan(joinids[cells], genes, counts)
-    assert valid and row_major and distinct == np.unique(cells).size and largest == genes.max()
-    assert coo_rows.row_major_to_csr(joinids, joinids[cells], genes, counts, distinct) is not None
-    for outside in (joinids[cells[0]], joinids[cells[-1]]):  # a cell outside the chunk's rows
-        rows = np.setdiff1d(joinids, [outside])
-        assert coo_rows.row_major_to_csr(rows, joinids[cells], genes, counts, distinct) is None
+    # n_counts is over all genes, before the gene filter
+    kept_cells = np.searchsorted(joinids, fast["soma_joinid"])
+    assert np.array_equal(fast["n_counts"], dense[kept_cells].sum(axis=1) - np.bincount(
+        cells[counts == 0], weights=dense[cells[counts == 0], genes[counts == 0]], minlength=300)[kept_cells])
+
+
+def test_row_buffers_grow_and_are_reused():
+    """Runs outgrow the first allocation mid-batch and resume where they stopped; a cleared
+    buffer keeps its arrays and takes the next chunk into the same memory."""
+    from ingest.coo_rows import RowBuffers
+
+    rng = np.random.default_rng(1)
+    cells = np.repeat(np.arange(5000, dtype=np.int64), 3)
+    genes = np.tile(np.array([2, 5, 9], np.int64), 5000)
+    counts = rng.integers(1, 9, cells.size).astype(np.float32)
+    rows = RowBuffers()
+    for start in range(0, cells.size, 4000):
+        valid, largest = rows.append(cells[start:start + 4000], genes[start:start + 4000], counts[start:start + 4000])
+        assert valid and largest == 9
+    run_cells, run_starts, run_sums = rows.runs
+    assert rows.row_major and np.array_equal(run_cells, np.arange(5000)) and np.array_equal(run_starts,
+                                                                                            np.arange(0, 15000, 3))
+    assert np.array_equal(run_sums, counts.reshape(-1, 3).sum(axis=1))
+    assert np.array_equal(rows.genes, genes) and np.array_equal(rows.counts, counts)
+    memory = rows.genes.ctypes.data
+    rows.clear()
+    rows.append(cells[:30], genes[:30], counts[:30])
+    assert rows.genes.ctypes.data == memory and rows.genes.size == 30 and rows.runs[0].size == 10
+    bad = counts[:6].copy()
+    bad[4] = 1.5
+    assert rows.append(cells[:6] + 10, genes[:6], bad) == (False, 9)
+    assert not rows.append(cells[:1], genes[:1], np.array([np.nan], np.float32))[0]
+    assert not rows.append(cells[:1], genes[:1], np.array([-1], np.float32))[0]
+
+

@@ -104,9 +104,15 @@ def _child(args) -> int:
             for table in experiment.ms["RNA"].X["raw"].read().tables():
                 nnz += table.num_rows
     elif mode == "stages":
+        from ingest.allocator import keep_arrow_pages
+
+        keep_arrow_pages()
         print(json.dumps(_stage_costs(store, args.chunk_cells)))
         return 0
     else:
+        from ingest.allocator import keep_arrow_pages
+
+        keep_arrow_pages()  # as `langcell ingest census` does
         from ingest.census import ingest_census
 
         manifest = ingest_census(args.out, uri=store, obs_filter=OBS_FILTER, chunk_cells=args.chunk_cells,
@@ -120,41 +126,53 @@ def _child(args) -> int:
 
 def _stage_costs(store: str, chunk_cells: int, n_chunks: int = 5) -> dict:
     """CPU seconds (user, system) per chunk of the ingest's three stages, run one after another:
-    the TileDB read, building the sparse rows, and parquet encoding. On 2 cores their sum bounds
+    the TileDB read (obs and X batches), building the sparse rows (appending each batch to the
+    row buffers, then the table), and parquet encoding. On 2 cores their sum bounds
     how close the overlapped ingest can come to the plain read."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tiledbsoma
-
-    from ingest import census
+    from ingest import census, coo_rows
 
     def clock():
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return np.array([usage.ru_utime, usage.ru_stime])
 
     costs = {name: np.zeros(2) for name in ("read", "rows", "encode")}
-    with tiledbsoma.Experiment.open(f"{store}/census_data/homo_sapiens") as experiment:
+    # The ingest's own handle (its TileDB settings) and its buffers, reused from chunk to chunk.
+    with census._open_handle(census.Source(None, store)) as handle:
+        experiment = handle["census_data"]["homo_sapiens"]
         X = experiment.ms["RNA"].X["raw"]
         columns = [name for name in experiment.obs.schema.names if name != "soma_joinid"]
         schema = census._cells_schema(experiment.obs.schema, columns)
         keep_map = np.arange(len(experiment.ms["RNA"].var), dtype=np.int64)
         source = census.Source(None, store)
+        rows = coo_rows.RowBuffers()
         nnz = 0
         with pq.ParquetWriter(pa.BufferOutputStream(), schema, **census._part_encoding(schema)) as writer:
-            for number in range(n_chunks):
-                joinids = np.arange(number * chunk_cells, (number + 1) * chunk_cells, dtype=np.int64)
+            for number in range(-1, n_chunks):  # chunk -1 warms up: allocations, compilation
+                joinids = np.arange((number + 1) * chunk_cells, (number + 2) * chunk_cells, dtype=np.int64)
+                spent = {name: np.zeros(2) for name in costs}
                 start = clock()
-                fetched = census._fetch_chunk(experiment, X, joinids, columns)
-                costs["read"] += clock() - start
-                nnz += fetched[1].num_rows
+                obs = experiment.obs.read(coords=(joinids,), column_names=["soma_joinid", *columns]).concat()
+                rows.clear()
+                for batch in census._coo_batches(X, joinids):
+                    appending = clock()
+                    spent["read"] += appending - start
+                    rows.append(*batch)
+                    start = clock()
+                    spent["rows"] += start - appending
+                    nnz += batch[2].size * (number >= 0)
+                spent["read"] += clock() - start
                 start = clock()
-                table = census._build_chunk(source, joinids, *fetched, keep_map, schema, columns)
-                costs["rows"] += clock() - start
-                del fetched
+                table = census._build_chunk(source, joinids, obs, rows, keep_map, schema, columns)
+                spent["rows"] += clock() - start
                 start = clock()
                 writer.write_table(table)
-                costs["encode"] += clock() - start
+                spent["encode"] += clock() - start
+                if number >= 0:
+                    for name in costs:
+                        costs[name] += spent[name]
     return {"chunk_cells": chunk_cells, "nnz_per_chunk": nnz // n_chunks,
             **{name: [round(float(v) / n_chunks, 2) for v in cost] for name, cost in costs.items()}}
 

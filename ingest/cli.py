@@ -140,6 +140,9 @@ def _add_census_commands(commands) -> None:
 def _run_census(args) -> int:
     import sys
 
+    from ingest.allocator import keep_arrow_pages
+
+    keep_arrow_pages()  # before ingest.census loads pyarrow
     from ingest.census import ingest_census, parse_shard
 
     shard = parse_shard(args.shard) if args.shard is not None else None

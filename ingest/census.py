@@ -13,10 +13,12 @@ How a run works
 3. `genes.parquet` (genes passing `--var-filter`, in store order) and the manifest with every part
    `pending` are written before any cell is read.
 4. Each part is read in chunks of `--chunk-cells` cells (obs rows and X `raw` for those joinids
-   only), turned into sparse rows with numpy/scipy and written as one parquet row group per
-   chunk to a temporary file that is renamed to `cells/part-NNNNN.parquet` when complete. Only
-   then does the manifest mark the part `done` with its sha256. Memory follows the chunk size,
-   never the number of cells.
+   only). TileDB returns a chunk's entries in small batches, each appended to reusable sparse-row
+   buffers by one compiled pass (`ingest.coo_rows`); the chunk is written as one parquet row
+   group to a temporary file that is renamed to `cells/part-NNNNN.parquet` when complete. Only
+   then does the manifest mark the part `done` with its sha256. Reading, encoding and finishing
+   files overlap, also across parts (`_write_parts`). Memory follows the chunk size, never the
+   number of cells.
 
 Resuming
 --------

@@ -607,7 +607,9 @@ def _write_parts(experiment, task: _PartTask, parts: list[dict[str, Any]], advan
     source, X = task.source, experiment.ms["RNA"].X["raw"]
     schema = _cells_schema(experiment.obs.schema, task.obs_columns)
     plan = _chunk_plan(experiment, task, parts)
-    step = next(plan)
+    step = next(plan, None)
+    if step is None:
+        return
     files: list[_PartFile] = []
     finishing: collections.deque = collections.deque()
     # The pools are left (waiting for their threads) before an unfinished file is removed, also on errors.

@@ -770,9 +770,9 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, rows: coo_r
     if rows.row_major:
         # Every run is a whole non-empty row, in row order.
         run_cells, starts, n_counts = rows.runs
-        row_of = np.searchsorted(joinids, run_cells)
-        if run_cells.size and (row_of[-1] >= joinids.size or not np.array_equal(joinids[row_of], run_cells)):
-            outside = run_cells[(row_of >= joinids.size) | (joinids[np.minimum(row_of, joinids.size - 1)] != run_cells)]
+        row_of = np.minimum(np.searchsorted(joinids, run_cells), joinids.size - 1)
+        outside = run_cells[joinids[row_of] != run_cells]
+        if outside.size:
             _raise_outside(source, int(outside[0]))
         indptr = np.append(starts, rows.genes.size)
         indices, values = rows.genes, rows.counts

@@ -8,7 +8,8 @@ kept and reused from chunk to chunk, so a chunk's rows cost no new memory either
 
 Stores whose space tile spans every gene (synth-census, most AnnData conversions) return entries
 in row-major order: then every run is a whole row and the CSR rows are the buffers as they are.
-Other layouts (the Census' square space tiles) go through a counting sort (`general_rows`).
+Other layouts (the Census' square space tiles) go through a counting sort
+(`ingest.census._general_rows`) over `entry_cells`.
 """
 
 from __future__ import annotations

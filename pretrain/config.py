@@ -58,6 +58,9 @@ class TextEncoderConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 128
     max_length: int = 128
+    # The text embedding: the [CLS] state (LangCell, BERT-style encoders such as PubMedBERT) or
+    # the mean over the text's tokens (sentence encoders trained that way, such as MiniLM).
+    pooling: str = "cls"
 
 
 @dataclass
@@ -77,6 +80,16 @@ class LossWeights:
 
 
 @dataclass
+class LrMultipliers:
+    """Each part's learning rate as a multiple of the stage's: a pretrained text encoder usually
+    wants a fraction of what fresh projections and heads need."""
+    cell: float = 1.0    # cell encoder
+    text: float = 1.0    # text encoder (cross-attention included)
+    proj: float = 1.0    # cell and text projections, temperature
+    heads: float = 1.0   # masked-gene and matching heads
+
+
+@dataclass
 class StageConfig:
     max_steps: int = 1000
     lr: float = 1e-4
@@ -84,6 +97,10 @@ class StageConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     losses: LossWeights = field(default_factory=LossWeights)
+    lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
+    # The text encoder's learning rate is 0 for this many steps (then warms up like the rest), so
+    # fresh projections and heads settle before they pull a pretrained encoder around.
+    freeze_text_steps: int = 0
 
 
 @dataclass
@@ -107,6 +124,8 @@ class DataConfig:
     bucket_batches: int = 8
     num_workers: int = 2
     max_length: int = 2048
+    # Shards read at once, their samples interleaved: a batch then mixes several shards' cells.
+    open_shards: int = 4
 
 
 @dataclass

@@ -105,27 +105,67 @@ def _check_library(data: str, vocab_size: int, rank: int, world: int):
     return [p for p, _ in shards]
 
 
-def _lr_lambda(stage_cfg):
+def _lr_lambda(stage_cfg, start: int = 0):
+    """Linear warm-up from step `start` (0 before it), then cosine decay to min_lr_ratio."""
     warm, total, floor = stage_cfg.warmup_steps, stage_cfg.max_steps, stage_cfg.min_lr_ratio
 
     def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if step < start:
+            return 0.0
+        if step - start < warm:
+            return (step - start + 1) / warm
+        progress = min(1.0, (step - start - warm) / max(1, total - start - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
 
-def _optimizer(model, stage_cfg):
-    import torch
-    decay, no_decay = [], []
+# Which part of the model a parameter belongs to, for its learning-rate multiplier.
+PARTS = (("cell", ("cell_bert.",)), ("text", ("text_bert.",)),
+         ("proj", ("cell_proj.", "text_proj.", "logit_scale")), ("heads", ("mlm_head.", "ctm_head.")))
+
+
+def _part(name: str) -> str:
+    for part, prefixes in PARTS:
+        if name.startswith(prefixes):
+            return part
+    raise LangCellError(f"parameter {name}: belongs to no part of {[p for p, _ in PARTS]}; add it to PARTS")
+
+
+def freeze_unused(model, stage: int, weights) -> None:
+    """Parameters that no objective of the stage trains get no gradient (ZeRO partitions only
+    trainable parameters and expects a gradient for each of them)."""
+    unused = []
+    if not weights.mlm:
+        unused.append("mlm_head.")
+    if not weights.cell_cell and not (stage == 2 and weights.cell_text):
+        unused.append("cell_proj.")
+    if stage == 1 or not weights.cell_text:
+        unused += ["logit_scale", "text_proj."]
+    if stage == 2 and not weights.ctm:
+        unused += ["ctm_head."] + [f"text_bert.encoder.layer.{i}.crossattention."
+                                   for i in range(len(model.text_bert.encoder.layer))]
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": stage_cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=stage_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(stage_cfg))
+        if name.startswith(tuple(unused)):
+            p.requires_grad_(False)
+
+
+def _optimizer(model, stage_cfg):
+    """AdamW with one group per (part, decay or not): each part's learning rate is the stage's
+    times its multiplier, and the text encoder's stays 0 for `freeze_text_steps`."""
+    import torch
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decay = not (p.ndim < 2 or "LayerNorm" in name)
+            groups.setdefault((_part(name), decay), []).append(p)
+    multipliers = stage_cfg.lr_multipliers
+    params, lambdas = [], []
+    for (part, decay), members in groups.items():
+        params.append({"params": members, "lr": stage_cfg.lr * getattr(multipliers, part),
+                       "weight_decay": stage_cfg.weight_decay if decay else 0.0})
+        lambdas.append(_lr_lambda(stage_cfg, stage_cfg.freeze_text_steps if part == "text" else 0))
+    opt = torch.optim.AdamW(params, lr=stage_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -203,11 +243,10 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = LangCellPretrainModel(model_cfg, with_text=stage == 2)
-    if stage == 1:
-        model.logit_scale.requires_grad_(False)  # unused until stage 2; ZeRO wants no grad-less params
-    else:
+    if stage == 2:
         state = torch.load(run / "stage1" / "final_model.pt", map_location="cpu", weights_only=True)
         _load_parts(model, state, CELL_PARTS, f"{run}/stage1/final_model.pt")
+    freeze_unused(model, stage, stage_cfg.losses)
     if rank == 0 and stage == 2 and not (run / "text_bert_config.json").is_file():
         with atomic_path(run / "text_bert_config.json") as tmp:
             tmp.write_text(model.text_bert.config.to_json_string())
@@ -231,13 +270,15 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         return read_json(sdir / "done.json", "stage summary") if (sdir / "done.json").is_file() else {"step": step}
 
     loader = torch.utils.data.DataLoader(
-        CellStream(shards, rank=rank, world=world, seed=cfg.seed, batch_size=cfg.micro_batch_size,
+        # Stage 2 reads its own order of the library, not stage 1's again from the start.
+        CellStream(shards, rank=rank, world=world, seed=cfg.seed * 10 + stage, batch_size=cfg.micro_batch_size,
                    shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
                    max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
                    with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
                    start_batch=step * cfg.grad_accum_steps,
-                   pad_multiple=8 if on_gpu else 1),  # multiples of 8 keep GPU tensor cores aligned
+                   pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
+                   open_shards=cfg.data.open_shards),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
     batches = iter(loader)
     flops_per_token = _flops_per_token(model, stage)

@@ -7,7 +7,7 @@
     EXPORT/ctm_head.bin          torch.save(nn.Linear(H_text, 2).state_dict())
     EXPORT/tokenizer/            the text tokenizer
     EXPORT/vocab/                token_dictionary.json, gene_median_dictionary.json
-    EXPORT/langcell_config.json  format, text max length, cell pooling, zero-shot defaults
+    EXPORT/langcell_config.json  format, text max length, cell and text pooling, zero-shot defaults
 
 LangCell's own release has the first five (their text_bert as pytorch_model.bin, no token-type
 table) but no tokenizer, vocab or config; `load_langcell` fills those from what the release
@@ -71,6 +71,7 @@ def save_langcell(model: LangCellModel, out: str | os.PathLike, *, vocab_dir: st
             "cell_vocab_size": model.cell_bert.config.vocab_size,
             "text_max_length": model.text_max_length,
             "cell_pooling": model.cell_pooling,
+            "text_pooling": model.text_pooling,
             "zero_shot": {"temperature": 0.05, "alpha": 0.1},
             **(extra_config or {}),
         })
@@ -156,8 +157,9 @@ def load_langcell(path: str | os.PathLike, device: str | torch.device = "cpu") -
         text_tokenizer=_load_text_tokenizer(path, text_bert.config.vocab_size),
         token_dictionary=_load_token_dictionary(path, cell_bert.config.vocab_size),
         text_max_length=int(config.get("text_max_length", 512)),
-        # LangCell's release has no config: it pools the <cls> state.
+        # LangCell's release has no config: it pools the <cls> states of both encoders.
         cell_pooling=config.get("cell_pooling", "cls"),
+        text_pooling=config.get("text_pooling", "cls"),
     )
     return model.to(device).eval()
 

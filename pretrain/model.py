@@ -307,6 +307,14 @@ class MLMHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- models
+def _pool(hidden, attention_mask, pooling: str):
+    """The first ([CLS]/<cls>) state, or the mean over the unpadded tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 class LangCellModel(nn.Module):
     """Inference model: encoders, projections and the matching head (the exported parts).
 
@@ -314,12 +322,15 @@ class LangCellModel(nn.Module):
     """
 
     def __init__(self, cell_bert, cell_proj, text_bert=None, text_proj=None, ctm_head=None,
-                 text_tokenizer=None, token_dictionary=None, text_max_length: int = 128, cell_pooling: str = "cls"):
+                 text_tokenizer=None, token_dictionary=None, text_max_length: int = 128, cell_pooling: str = "cls",
+                 text_pooling: str = "cls"):
         super().__init__()
-        if cell_pooling not in POOLINGS:
-            raise LangCellError(f"cell pooling {cell_pooling!r} is not one of {', '.join(POOLINGS)}; "
-                                "set model.cell.pooling to cls or mean")
+        for side, pooling in (("cell", cell_pooling), ("text", text_pooling)):
+            if pooling not in POOLINGS:
+                raise LangCellError(f"{side} pooling {pooling!r} is not one of {', '.join(POOLINGS)}; "
+                                    f"set model.{side}.pooling to cls or mean")
         self.cell_pooling = cell_pooling
+        self.text_pooling = text_pooling
         self.cell_bert = cell_bert
         self.cell_proj = cell_proj
         self.text_bert = text_bert
@@ -335,10 +346,7 @@ class LangCellModel(nn.Module):
 
     def pool_cells(self, hidden, attention_mask):
         """[B,H] cell states from the encoder's [B,L,H]: the <cls> state or the mean over tokens."""
-        if self.cell_pooling == "cls":
-            return hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return _pool(hidden, attention_mask, self.cell_pooling)
 
     def encode_cells(self, input_ids, attention_mask):
         """(L2-normalised [B,256] embeddings, last hidden states [B,L,H])."""
@@ -347,7 +355,7 @@ class LangCellModel(nn.Module):
 
     def encode_texts(self, input_ids, attention_mask):
         hidden = self.text_bert(input_ids, attention_mask, mode="text")
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(_pool(hidden, attention_mask, self.text_pooling)), dim=-1)
 
     def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
         """[B,2] cell-text matching logits (index 1 = match) from the multimodal text encoder."""
@@ -374,7 +382,8 @@ class LangCellPretrainModel(LangCellModel):
             text_proj = nn.Linear(text_bert.config.hidden_size, cfg.proj_dim)
             ctm_head = nn.Linear(text_bert.config.hidden_size, 2)
         super().__init__(cell_bert, cell_proj, text_bert, text_proj, ctm_head,
-                         text_max_length=cfg.text.max_length, cell_pooling=cfg.cell.pooling)
+                         text_max_length=cfg.text.max_length, cell_pooling=cfg.cell.pooling,
+                         text_pooling=cfg.text.pooling)
         self.model_config = cfg
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)

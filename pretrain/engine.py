@@ -170,7 +170,7 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     rank, world, on_gpu = _init_distributed()
     ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
     from pretrain.model import load_text_tokenizer, resolve_text_model_path
-    resolve_text_model_path(model_cfg.text.name_or_path)  # a missing text model fails before training
+    resolve_text_model_path(model_cfg.text.init_from)  # a missing text model fails before training
     data, run = str(data), Path(out)
     shards = _check_library(data, model_cfg.cell.vocab_size, rank, world)
     sdir = run / f"stage{stage}"

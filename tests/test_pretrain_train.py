@@ -60,7 +60,7 @@ def test_missing_and_corrupt_shards(setup):
 
 def test_text_model_missing_offline(setup):
     tmp, lib, cfg = setup
-    _edit(tmp / "model.yaml", lambda d: d["text"].update(name_or_path=str(tmp / "no-such-bert")))
+    _edit(tmp / "model.yaml", lambda d: d["text"].update(init_from=str(tmp / "no-such-bert")))
     with pytest.raises(LangCellError, match="no-such-bert': folder does not exist"):
         pretrain(cfg, lib, tmp / "run", 1)
 

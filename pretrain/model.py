@@ -202,9 +202,9 @@ class TextBert(nn.Module):
 
 def _load_checked(model: nn.Module, state: dict, source: str, optional_prefixes=(), new_prefixes=()):
     """Load by name; every parameter the model needs must be present unless it is meant to be new."""
-    # Some checkpoints prefix the BERT with "bert." (BertFor* heads); strip it.
-    if state and all(k.startswith("bert.") for k in state):
-        state = {k[5:]: v for k, v in state.items()}
+    # BertFor* checkpoints (PubMedBERT's is a BertForMaskedLM) prefix the BERT with "bert." beside
+    # their "cls." heads; strip it.
+    state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(new_prefixes or ("\0",))]
     unexpected = [k for k in result.unexpected_keys

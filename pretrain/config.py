@@ -1,8 +1,9 @@
 """Configuration dataclasses of the model and of a pre-training run.
 
-Model configs (`configs/model/*.yaml`) describe shapes only; a checkpoint carries its own
-shapes, so loading one never consults these files. Pre-training configs (`configs/pretrain/`)
-name a model config and hold every tunable of the two stages.
+Model configs (`configs/model/*.yaml`) describe shapes and the pretrained weights the encoders
+start from (`init_from`); a trained checkpoint carries its own shapes, so loading one never
+consults these files. Pre-training configs (`configs/pretrain/`) name a model config and hold
+every tunable of the two stages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ MINILM = "all-MiniLM-L6-v2"
 @dataclass
 class CellEncoderConfig:
     """HF BertModel over rank-value gene tokens (Geneformer 12L defaults)."""
+    # A Geneformer BertForMaskedLM checkpoint (local folder or HF id `owner/name[@revision][/subfolder]`)
+    # that the encoder and the masked-gene head start from; null: random weights. Its config.json
+    # must agree with the shape fields below (checked, not copied, so the yaml and run.json stay true),
+    # and its vocabulary must be ours without the last token, <cls> (pretrain/warm_start.py).
+    init_from: str | None = None
     vocab_size: int = 25427
     hidden_size: int = 512
     num_hidden_layers: int = 12

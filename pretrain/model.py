@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from langcell.errors import LangCellError
 from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
-from pretrain.warm_start import read_state_dict, resolve_pretrained
+from pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
 
 POOLINGS = ("cls", "mean")
 
@@ -357,6 +357,8 @@ class LangCellPretrainModel(LangCellModel):
         self.model_config = cfg
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)
+        if cfg.cell.init_from:
+            warm_start_cell(self.cell_bert, self.mlm_head, cfg.cell)
         # CLIP's parametrisation: a learnable log inverse temperature, clamped at 100 when used.
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))

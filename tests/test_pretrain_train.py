@@ -65,6 +65,14 @@ def test_text_model_missing_offline(setup):
         pretrain(cfg, lib, tmp / "run", 1)
 
 
+def test_cell_checkpoint_checked_before_the_run_starts(setup):
+    tmp, lib, cfg = setup
+    _edit(tmp / "model.yaml", lambda d: d["cell"].update(init_from=str(tmp / "no-such-geneformer")))
+    with pytest.raises(LangCellError, match="no-such-geneformer': folder does not exist"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    assert not (tmp / "run" / "run.json").exists()
+
+
 def test_fp16_on_cpu_refused(setup):
     tmp, lib, cfg = setup
     ds = tmp / "fp16.json"

@@ -41,8 +41,15 @@ def add_commands(subparsers) -> None:
 
 def _pretrain(args) -> int:
     import json
+    import logging
 
     from pretrain.engine import pretrain
+    # The library's own INFO lines (the warm start's count of loaded tensors) reach the terminal;
+    # other libraries keep their own logging.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("langcell pretrain: %(message)s"))
+    logging.getLogger("pretrain").addHandler(handler)
+    logging.getLogger("pretrain").setLevel(logging.INFO)
     overrides = {f"stage{args.stage}.max_steps": args.max_steps} if args.max_steps is not None else None
     summary = pretrain(args.config, args.data, args.out, args.stage, args.deepspeed_config, overrides)
     import torch

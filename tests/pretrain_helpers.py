@@ -18,7 +18,7 @@ MODEL = {
     "cell": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "max_position_embeddings": 128,
              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
-    "text": {"name_or_path": "all-MiniLM-L6-v2", "random_init": True, "hidden_size": 32,
+    "text": {"init_from": "all-MiniLM-L6-v2", "random_init": True, "hidden_size": 32,
              "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "max_length": 32},
     "proj_dim": 256,
 }

@@ -60,9 +60,17 @@ def test_missing_and_corrupt_shards(setup):
 
 def test_text_model_missing_offline(setup):
     tmp, lib, cfg = setup
-    _edit(tmp / "model.yaml", lambda d: d["text"].update(name_or_path=str(tmp / "no-such-bert")))
+    _edit(tmp / "model.yaml", lambda d: d["text"].update(init_from=str(tmp / "no-such-bert")))
     with pytest.raises(LangCellError, match="no-such-bert': folder does not exist"):
         pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_cell_checkpoint_checked_before_the_run_starts(setup):
+    tmp, lib, cfg = setup
+    _edit(tmp / "model.yaml", lambda d: d["cell"].update(init_from=str(tmp / "no-such-geneformer")))
+    with pytest.raises(LangCellError, match="no-such-geneformer': folder does not exist"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    assert not (tmp / "run" / "run.json").exists()
 
 
 def test_fp16_on_cpu_refused(setup):

@@ -212,7 +212,7 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     from pretrain.model import load_text_tokenizer, resolve_text_model_path
     from pretrain.warm_start import check_cell_checkpoint
     resolve_text_model_path(model_cfg.text.init_from)  # a missing text model fails before training
-    if model_cfg.cell.init_from:  # and so does a cell checkpoint, before run.json records it
+    if model_cfg.cell.init_from and stage == 1:  # and so does a cell checkpoint, before run.json records it
         check_cell_checkpoint(model_cfg.cell)
     data, run = str(data), Path(out)
     shards = _check_library(data, model_cfg.cell.vocab_size, rank, world)
@@ -245,7 +245,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     from pretrain.model import LangCellPretrainModel
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = LangCellPretrainModel(model_cfg, with_text=stage == 2)
+    model = LangCellPretrainModel(model_cfg, with_text=stage == 2,
+                                  warm_start=stage == 1 and not (ckpt_dir / "latest").is_file())
     if stage == 2:
         state = torch.load(run / "stage1" / "final_model.pt", map_location="cpu", weights_only=True)
         _load_parts(model, state, CELL_PARTS, f"{run}/stage1/final_model.pt")
@@ -420,14 +421,14 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     state = consolidated_state_dict(ckpt_dir)
     torch.manual_seed(0)
     if stage == 2:
-        model = LangCellPretrainModel(model_cfg, with_text=False)
+        model = LangCellPretrainModel(model_cfg, with_text=False, warm_start=False)
         model.text_bert = TextBert(BertConfig.from_json_file(str(run / "text_bert_config.json")))
         h = model.text_bert.config.hidden_size
         model.text_proj = torch.nn.Linear(h, model_cfg.proj_dim)
         model.ctm_head = torch.nn.Linear(h, 2)
         _load_parts(model, state, ("",), f"{ckpt_dir}")
     else:  # a cell-only run exports with the text encoder as initialised
-        model = LangCellPretrainModel(model_cfg, with_text=True)
+        model = LangCellPretrainModel(model_cfg, with_text=True, warm_start=False)
         _load_parts(model, state, CELL_PARTS, f"{ckpt_dir}")
     model.text_tokenizer = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     return save_langcell(model.eval(), out, vocab_dir=run / "vocab",

@@ -352,7 +352,9 @@ class LangCellModel(nn.Module):
 class LangCellPretrainModel(LangCellModel):
     """The inference parts plus what only training needs: the MLM head and the temperature."""
 
-    def __init__(self, cfg: ModelConfig, with_text: bool = True):
+    def __init__(self, cfg: ModelConfig, with_text: bool = True, warm_start: bool = True):
+        """`warm_start=False` skips `cell.init_from`: for models whose weights come from a run's
+        own checkpoint next (stage 2, resume, export), which need not reach the checkpoint again."""
         cell_bert = build_cell_encoder(cfg.cell)
         cell_proj = nn.Linear(cfg.cell.hidden_size, cfg.proj_dim)
         text_bert = text_proj = ctm_head = None
@@ -366,7 +368,7 @@ class LangCellPretrainModel(LangCellModel):
         self.model_config = cfg
         self.mlm_head = MLMHead(cfg.cell.hidden_size, cfg.cell.vocab_size, cfg.cell.hidden_act,
                                 cfg.cell.layer_norm_eps)
-        if cfg.cell.init_from:
+        if cfg.cell.init_from and warm_start:
             warm_start_cell(self.cell_bert, self.mlm_head, cfg.cell)
         # CLIP's parametrisation: a learnable log inverse temperature, clamped at 100 when used.
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.

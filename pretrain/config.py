@@ -110,6 +110,8 @@ class StageConfig:
     # The text encoder's learning rate is 0 for this many steps (then warms up like the rest), so
     # fresh projections and heads settle before they pull a pretrained encoder around.
     freeze_text_steps: int = 0
+    # Read only cells that have an identity text (cells without one still train in stage 1).
+    cells_with_text_only: bool = False
 
 
 @dataclass

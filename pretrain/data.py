@@ -119,7 +119,7 @@ class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Path], *, rank: int, world: int, seed: int, batch_size: int,
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
-                 start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1):
+                 start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False):
         super().__init__()
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
@@ -129,6 +129,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.start_batch = start_batch
         self.pad_multiple = pad_multiple
         self.open_shards = max(1, open_shards)
+        self.require_text = require_text
         self._tokenizer = None
 
     # -- the sample stream (identical in every worker of a rank)
@@ -140,7 +141,10 @@ class CellStream(torch.utils.data.IterableDataset):
             by_shard = len(shards) >= self.world
             mine = shards[self.rank::self.world] if by_shard else shards
             index = kept = 0
-            for sample in self._interleaved(mine, np.random.default_rng([self.seed, 4, epoch, self.rank])):
+            # One interleaving for all ranks: when they share shards, they split its cells by position.
+            for sample in self._interleaved(mine, np.random.default_rng([self.seed, 4, epoch])):
+                if self.require_text and not json.loads(sample["texts.json"]):
+                    continue
                 keep = by_shard or index % self.world == self.rank
                 index += 1
                 if keep:

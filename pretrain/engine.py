@@ -282,7 +282,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
                    start_batch=step * cfg.grad_accum_steps,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
-                   open_shards=cfg.data.open_shards),
+                   open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
     batches = iter(loader)
     flops_per_token = _flops_per_token(model, stage)

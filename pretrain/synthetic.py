@@ -22,8 +22,9 @@ DISEASES = ("normal", "COVID-19")
 
 def write_synthetic_library(out: str | os.PathLike, *, n_cells: int = 256, n_shards: int = 4,
                             vocab_size: int = 25427, min_len: int = 32, max_len: int = 256,
-                            seed: int = 0, n_val: int = 0) -> Path:
-    """Write LIB/{vocab,shards/train,shards/val,manifest.json}; returns LIB."""
+                            seed: int = 0, n_val: int = 0, unlabelled_every: int = 0) -> Path:
+    """Write LIB/{vocab,shards/train,shards/val,manifest.json}; returns LIB. With
+    `unlabelled_every` = k, every k-th cell has no identity text (as unlabelled Census cells)."""
     import webdataset as wds
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -63,8 +64,14 @@ def write_synthetic_library(out: str | os.PathLike, *, n_cells: int = 256, n_sha
                         tissue, disease = TISSUES[joinid % 3], DISEASES[joinid % 2]
                         meta = {"soma_joinid": joinid, "cell_type": CELL_TYPES[t], "tissue": tissue,
                                 "disease": disease, "dataset_id": f"d{joinid % 4}", "donor_id": f"p{joinid % 7}"}
+                        meta.update({"cell_type_ontology_term_id": f"CL:{t:07d}",
+                                     "tissue_ontology_term_id": f"UBERON:{TISSUES.index(tissue):07d}",
+                                     "disease_ontology_term_id": f"MONDO:{DISEASES.index(disease):07d}"})
                         texts = {"cell_type": f"A {CELL_TYPES[t]}, a cell of type number {t}.",
                                  "tissue": f"Found in the {tissue}.", "disease": f"Donor condition: {disease}."}
+                        if unlabelled_every and joinid % unlabelled_every == 0:
+                            meta.update(cell_type="unknown", cell_type_ontology_term_id="unknown")
+                            texts = {}
                         sink.write({"__key__": str(joinid), "input_ids.npy": ids,
                                     "meta.json": json.dumps(meta).encode(), "texts.json": json.dumps(texts).encode()})
                         joinid += 1

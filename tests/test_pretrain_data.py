@@ -63,12 +63,55 @@ def test_length_bucketing_cuts_padding(tmp_path):
 def test_texts_always_hold_cell_type_and_are_seeded(tmp_path):
     texts = {"cell_type": "A T cell.", "tissue": "In blood.", "disease": "Healthy.", "sex": "Female."}
     cfg = TextChoiceConfig()
-    picks = [choose_text(texts, np.random.default_rng([1, i]), cfg.always, cfg.optional, cfg.keep_prob)
+    picks = [choose_text(texts, np.random.default_rng([1, i]), cfg.always, cfg.optional, cfg.keep_prob)[0]
              for i in range(200)]
     assert all(p.startswith("A T cell.") for p in picks)
     assert 0.4 < sum("In blood." in p for p in picks) / 200 < 0.6
-    assert picks[3] == choose_text(texts, np.random.default_rng([1, 3]), cfg.always, cfg.optional, cfg.keep_prob)
-    lib = write_synthetic_library(tmp_path / "lib", n_cells=16, n_shards=1, vocab_size=600, min_len=12, max_len=20)
-    batch = _take(_stream(lib, with_text=True, tokenizer_path=resolve_text_model_path("all-MiniLM-L6-v2"),
-                          text_choice=cfg, bucket_batches=1), 1)[0]
-    assert batch["text_ids"].shape[0] == 8 and batch["text_keys"].dtype == torch.long
+    assert picks[3] == choose_text(texts, np.random.default_rng([1, 3]), cfg.always, cfg.optional, cfg.keep_prob)[0]
+
+
+def _text_batch(lib, **kw):
+    return _take(_stream(lib, with_text=True, tokenizer_path=resolve_text_model_path("all-MiniLM-L6-v2"),
+                         text_choice=TextChoiceConfig(), bucket_batches=1, **kw), 1)[0]
+
+
+def test_text_batches_carry_terms_and_each_distinct_text_once(tmp_path):
+    from transformers import AutoTokenizer
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=64, n_shards=1, vocab_size=600, min_len=12, max_len=20,
+                                  unlabelled_every=4)
+    batch = _text_batch(lib, batch_size=32)
+    has, index, codes = batch["has_text"], batch["text_index"], batch["term_codes"]
+    tok = AutoTokenizer.from_pretrained(resolve_text_model_path("all-MiniLM-L6-v2"))
+    texts = tok.batch_decode(batch["text_ids"], skip_special_tokens=True)
+    assert len(set(texts)) == len(texts) == int(index[has].max()) + 1  # distinct texts, each once
+    # Cells without identity text: no codes, no mentioned aspects; the others mention cell type.
+    assert 4 <= int((~has).sum()) <= 12 and (codes[~has] == 0).all() and not batch["text_aspects"][~has].any()
+    assert batch["text_aspects"][has, 0].all() and (codes[has, 0] != 0).all()
+    # Cells whose codes agree on every aspect their texts mention share a text only if they chose
+    # the same aspects; the code of the cell type is shared by cells of one type.
+    types = [texts[i].split(",")[0] for i in index[has]]
+    for i, a in enumerate(types):
+        for j, b in enumerate(types):
+            assert (codes[has][i, 0] == codes[has][j, 0]) == (a == b)
+
+
+def test_stage2_can_read_only_cells_with_text(tmp_path):
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=64, n_shards=2, vocab_size=600, min_len=12, max_len=20,
+                                  unlabelled_every=4)
+    batches = _take(_stream(lib, with_text=True, tokenizer_path=resolve_text_model_path("all-MiniLM-L6-v2"),
+                            text_choice=TextChoiceConfig(), require_text=True), 12)
+    assert all(b["has_text"].all() for b in batches)
+    seen = set(sum((b["soma_joinid"].tolist() for b in batches), []))
+    assert not any(j % 4 == 0 for j in seen) and len(seen) == 48
+
+
+def test_open_shards_mix_cells_of_several_shards_into_a_batch(tmp_path):
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=256, n_shards=8, vocab_size=600, min_len=12, max_len=20)
+
+    def shards_per_batch(open_shards):
+        batches = _take(_stream(lib, shuffle_buffer=1, bucket_batches=1, open_shards=open_shards), 8)
+        return np.mean([len(set((b["soma_joinid"] // 32).tolist())) for b in batches])
+    assert shards_per_batch(1) <= 1.3 and shards_per_batch(4) >= 3.0
+    # Still every cell once per epoch.
+    ids = sum((b["soma_joinid"].tolist() for b in _take(_stream(lib, shuffle_buffer=1, open_shards=4), 32)), [])
+    assert sorted(ids) == list(range(256))

@@ -18,18 +18,36 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 g = torch.Generator().manual_seed(0)
 cells, texts, views = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(3))
-keys = torch.tensor([5, 5, 1, 2, 3, 3, 3, 4])  # duplicates straddle the two ranks' halves
+codes, aspects, has_text = (torch.load(sys.argv[1] + "/relation.pt")[k] for k in ("codes", "aspects", "has_text"))
 part = slice(rank * 4, rank * 4 + 4)
 c, t, v = (x[part].clone().requires_grad_() for x in (cells, texts, views))
-loss = cell_text_contrastive(c, t, keys[part], torch.tensor(14.0)) + cell_cell_contrastive(c, v, 0.05)
+loss = (cell_text_contrastive(c, t, codes[part], aspects[part], has_text[part], torch.tensor(14.0))
+        + cell_cell_contrastive(c, v, 0.05))
 loss.backward()
 torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad}, sys.argv[1] + f"/rank{rank}.pt")
 dist.destroy_process_group()
 '''
 
 
+def _relation():
+    """8 cells over two ranks: true descriptions straddle the ranks' halves, one cell has no text."""
+    # (cell type, tissue) codes; the text of cell i mentions cell type only, or both.
+    codes = torch.zeros(8, 7, dtype=torch.long)
+    codes[:, 0] = torch.tensor([5, 5, 1, 2, 3, 3, 3, 4])
+    codes[:, 1] = torch.tensor([7, 8, 7, 7, 8, 8, 7, 7])
+    aspects = torch.zeros(8, 7, dtype=torch.bool)
+    aspects[:, 0] = True
+    aspects[[1, 4, 6], 1] = True
+    has_text = torch.ones(8, dtype=torch.bool)
+    has_text[3] = False
+    codes[3] = 0
+    aspects[3] = False
+    return {"codes": codes, "aspects": aspects, "has_text": has_text}
+
+
 @pytest.mark.slow
 def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path):
+    torch.save(_relation(), tmp_path / "relation.pt")
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -39,11 +57,12 @@ def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path)
     g = torch.Generator().manual_seed(0)
     cells, texts, views = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
                            for _ in range(3))
-    keys = torch.tensor([5, 5, 1, 2, 3, 3, 3, 4])
-    loss = cell_text_contrastive(cells, texts, keys, torch.tensor(14.0)) + cell_cell_contrastive(cells, views, 0.05)
+    rel = _relation()
+    loss = (cell_text_contrastive(cells, texts, rel["codes"], rel["aspects"], rel["has_text"], torch.tensor(14.0))
+            + cell_cell_contrastive(cells, views, 0.05))
     loss.backward()
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
-    # Each rank's loss is the mean over its rows, so the mean over ranks is the global mean ...
+    # Each rank's loss is its rows' share of the global mean, so the mean over ranks is the global mean ...
     assert abs((ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 - loss.item()) < 1e-5
     # ... and each rank's gradient is world_size x the global gradient (DeepSpeed divides by it).
     for name, full in (("c", cells.grad), ("t", texts.grad), ("v", views.grad)):

@@ -1,0 +1,265 @@
+"""The pre-training objectives by meaning: which texts are true of which cells, the multi-positive
+contrastive loss, BLIP's hard negatives, cells without text, and objectives switched off.
+
+References here are written independently of pretrain/losses.py: plain Python loops over the
+definitions, at the magnitudes training produces (unit vectors, CLIP's initial 1/0.07 scale and
+its cap of 100)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
+from pretrain.data import ASPECT_ORDER, choose_text, term_codes
+from pretrain.losses import (cell_text_contrastive, pretrain_losses, sample_hard_negatives, truth_matrix)
+from pretrain.model import LangCellPretrainModel, load_text_tokenizer
+from langcell.config import from_dict
+from tests.pretrain_helpers import MODEL, VOCAB
+
+INIT_SCALE = 1 / 0.07
+
+
+def _meta(cell_type, tissue=None, disease=None, sex=None):
+    meta, texts = {}, {}
+    for aspect, value in (("cell_type", cell_type), ("tissue", tissue), ("disease", disease), ("sex", sex)):
+        if value is not None:
+            meta[f"{aspect}_ontology_term_id"] = f"ID:{value}"
+            texts[aspect] = f"{aspect}: {value}."
+    return meta, texts
+
+
+def _encode(cells, chosen):
+    """(codes [N, A], mentioned [N, A]) for (meta, texts) cells and the aspects each text keeps."""
+    codes = torch.tensor([term_codes(m, t) for m, t in cells])
+    mentioned = torch.tensor([[a in keep for a in ASPECT_ORDER] for keep in chosen])
+    return codes, mentioned
+
+
+def _reference_truth(cells, chosen):
+    """Text i is true of cell j iff every aspect text i mentions has cell j's term."""
+    return torch.tensor([[all(f"{a}_ontology_term_id" in cj[0] and cj[0][f"{a}_ontology_term_id"] == ci[0][f"{a}_ontology_term_id"]
+                              for a in keep) for cj in cells] for ci, keep in zip(cells, chosen)])
+
+
+# Same type with different optional aspects that agree; same type, another tissue; another type;
+# a cell whose tissue is unknown.
+CELLS = [_meta("B", "blood", "normal"), _meta("B", "blood", "normal", "female"), _meta("B", "lung", "normal"),
+         _meta("T", "blood", "normal"), _meta("B")]
+CHOSEN = [["cell_type", "tissue"], ["cell_type", "disease", "sex"], ["cell_type", "tissue"], ["cell_type"],
+          ["cell_type"]]
+
+
+def test_truth_by_meaning_not_by_string():
+    codes, mentioned = _encode(CELLS, CHOSEN)
+    valid = torch.ones(len(CELLS), dtype=torch.bool)
+    true = truth_matrix(codes, mentioned, valid, codes, valid)
+    assert torch.equal(true, _reference_truth(CELLS, CHOSEN))
+    # "cell type: B. tissue: blood." is true of the other blood B cell (different string) ...
+    assert true[0, 1]
+    # ... not of the lung B cell (another tissue mentioned) nor of the B cell of unknown tissue,
+    assert not true[0, 2] and not true[0, 4]
+    # while the lung B cell's "B, lung" text is not true of the blood ones, and a bare "B" text is
+    # true of every B cell whatever else it has: the relation is not symmetric.
+    assert not true[2, 0] and true[4, :3].all() and not true[4, 3]
+    assert not true[3, 0] and true[3, 3]
+    # A cell without identity text is true of nothing and nothing is true of it.
+    valid[1] = False
+    true = truth_matrix(codes, mentioned, valid, codes, valid)
+    assert not true[1].any() and not true[:, 1].any()
+
+
+def test_sampled_texts_record_what_they_mention():
+    meta, texts = _meta("B", "blood", "normal", "female")
+    cfg = TextChoiceConfig(keep_prob=0.5)
+    for i in range(50):
+        text, keep = choose_text(texts, np.random.default_rng([2, i]), cfg.always, cfg.optional, cfg.keep_prob)
+        assert keep[0] == "cell_type" and text == " ".join(texts[a] for a in keep)
+    assert choose_text({}, np.random.default_rng(0), cfg.always, cfg.optional, 0.5) == ("", [])
+    # The code of an aspect is its term; unknown aspects are 0.
+    codes = term_codes(meta, texts)
+    assert codes[ASPECT_ORDER.index("assay")] == 0 and all(c > 0 for c in codes[:2])
+    other = term_codes(*_meta("B", "lung"))
+    assert other[0] == codes[0] and other[1] != codes[1]
+
+
+def _reference_contrastive(cell_emb, text_emb, true, scale):
+    """Each direction: rows with a positive and a non-positive candidate, mean over those rows of
+    -mean_{p in positives} log softmax_{candidates}(scale * sim)[p]."""
+    def direction(a, b, pos):
+        losses = []
+        for i in range(a.shape[0]):
+            if not pos[i].any() or pos[i].all():
+                continue
+            logits = [scale * float(a[i] @ b[j]) for j in range(b.shape[0])]
+            lse = math.log(sum(math.exp(x) for x in logits))
+            losses.append(-sum(logits[j] - lse for j in range(b.shape[0]) if pos[i, j]) / int(pos[i].sum()))
+        return sum(losses) / max(1, len(losses))
+    return 0.5 * (direction(cell_emb, text_emb, true.t()) + direction(text_emb, cell_emb, true))
+
+
+@pytest.mark.parametrize("scale", [INIT_SCALE, 100.0])
+def test_contrastive_matches_a_loop_reference_at_training_magnitudes(scale):
+    torch.manual_seed(0)
+    cell_emb = F.normalize(torch.randn(5, 16), dim=-1)
+    text_emb = F.normalize(cell_emb + 0.8 * torch.randn(5, 16), dim=-1)  # cosines spread over [-1, 1]
+    codes, mentioned = _encode(CELLS, CHOSEN)
+    valid = torch.ones(5, dtype=torch.bool)
+    got = cell_text_contrastive(cell_emb, text_emb, codes, mentioned, valid, torch.tensor(scale))
+    want = _reference_contrastive(cell_emb, text_emb, _reference_truth(CELLS, CHOSEN), scale)
+    assert abs(got.item() - want) < 1e-4 * max(1.0, abs(want))
+    # A string-keyed target (the old bug) is another loss: the test can tell them apart.
+    by_string = _reference_contrastive(cell_emb, text_emb, torch.eye(5, dtype=torch.bool), scale)
+    assert abs(by_string - want) > 1e-2
+
+
+def test_cells_without_text_are_left_out_of_the_contrast():
+    torch.manual_seed(1)
+    cell_emb = F.normalize(torch.randn(5, 16), dim=-1)
+    text_emb = F.normalize(torch.randn(5, 16), dim=-1)
+    codes, mentioned = _encode(CELLS, CHOSEN)
+    valid = torch.tensor([True, True, False, True, True])
+    got = cell_text_contrastive(cell_emb, text_emb, codes, mentioned, valid, torch.tensor(INIT_SCALE))
+    keep = [0, 1, 3, 4]
+    want = _reference_contrastive(cell_emb[keep], text_emb[keep],
+                                  _reference_truth([CELLS[i] for i in keep], [CHOSEN[i] for i in keep]), INIT_SCALE)
+    assert abs(got.item() - want) < 1e-4
+
+
+def test_one_distinct_description_contributes_zero_with_its_graph_intact():
+    cell_emb = F.normalize(torch.randn(4, 16), dim=-1).requires_grad_()
+    text_emb = F.normalize(torch.randn(4, 16), dim=-1).requires_grad_()
+    cells = [_meta("B", "blood")] * 4
+    codes, mentioned = _encode(cells, [["cell_type"]] * 4)
+    loss = cell_text_contrastive(cell_emb, text_emb, codes, mentioned, torch.ones(4, dtype=torch.bool),
+                                 torch.tensor(INIT_SCALE))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(text_emb.grad, torch.zeros(4, 16))
+    assert torch.isfinite(cell_emb.grad).all()
+
+
+def test_hard_negatives_are_hard_and_never_true():
+    torch.manual_seed(0)
+    # A batch of 16 as training sees it: one near-duplicate at cosine 0.75, the rest at 0.1.
+    sim = torch.full((16, 16), 0.1)
+    sim.fill_diagonal_(0.9)
+    sim[0, 5] = 0.75
+    candidates = ~torch.eye(16, dtype=torch.bool)
+    draws = torch.stack([sample_hard_negatives(sim, candidates, torch.tensor(INIT_SCALE))[0] for _ in range(500)])
+    assert (draws != torch.arange(16)).all()          # never the true match
+    hardest = (draws[:, 0] == 5).float().mean().item()
+    # softmax(sim x 14.3): p = e^10.7 / (e^10.7 + 14 e^1.43) = 0.9987; softmax(sim): 0.12.
+    assert hardest > 0.97
+    raw = F.softmax(sim[0].masked_fill(~candidates[0], float("-inf")), 0)[5].item()
+    assert raw < 0.15
+    # Every candidate excluded: the row is flagged invalid.
+    _, valid = sample_hard_negatives(sim[:2], torch.zeros(2, 16, dtype=torch.bool), torch.tensor(INIT_SCALE))
+    assert not valid.any()
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, MODEL, "test")
+    model = LangCellPretrainModel(cfg).train()
+    model.text_tokenizer = load_text_tokenizer(cfg.text)
+    return model
+
+
+def _batch(model, cells, chosen, has_text):
+    g = torch.Generator().manual_seed(3)
+    b = len(cells)
+    ids = torch.randint(2, VOCAB - 1, (b, 24), generator=g)
+    ids[:, 0] = VOCAB - 1
+    # Cell i has 12 + i tokens: a matching pass's masks tell which cells it paired.
+    mask = (torch.arange(24)[None, :] < 12 + torch.arange(b)[:, None]).long()
+    ids = ids * mask
+    texts = [" ".join(t[a] for a in keep) for (_, t), keep in zip(cells, chosen)]
+    unique = list(dict.fromkeys(t for t, h in zip(texts, has_text) if h))
+    t_ids, t_mask = model.tokenize_texts(unique or [""])  # as the loader: "" when no cell has text
+    codes, mentioned = _encode(cells, chosen)
+    has = torch.tensor(has_text)
+    return {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
+            "text_index": torch.tensor([unique.index(t) if h else 0 for t, h in zip(texts, has_text)]),
+            "has_text": has, "term_codes": codes * has[:, None], "text_aspects": mentioned & has[:, None]}
+
+
+class _Spy:
+    """Records the batch sizes a module's forward sees (and the cell rows of matching passes)."""
+
+    def __init__(self, model):
+        self.text_rows, self.cell_rows, self.mlm_calls = [], [], 0
+        text_forward, cell_forward, mlm_forward = model.text_bert.forward, model.cell_bert.forward, model.mlm_head.forward
+
+        def text(input_ids, attention_mask, encoder_hidden_states=None, **kw):
+            self.text_rows.append((kw.get("mode", "text"), input_ids.shape[0]))
+            return text_forward(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states, **kw)
+
+        def cell(*a, **kw):
+            self.cell_rows.append(kw["input_ids"].shape[0])
+            return cell_forward(*a, **kw)
+
+        def mlm(h):
+            self.mlm_calls += 1
+            return mlm_forward(h)
+        model.text_bert.forward, model.cell_bert.forward, model.mlm_head.forward = text, cell, mlm
+
+
+def test_cells_without_text_never_reach_the_text_encoder():
+    model = _model()
+    cells = CELLS + [({}, {})]
+    chosen = CHOSEN + [[]]
+    has_text = [True, True, False, True, True, False]
+    batch = _batch(model, cells, chosen, has_text)
+    spy = _Spy(model)
+    matched = []
+    match_logits = model.match_logits
+
+    def record(cell_hidden, cell_mask, text_ids, text_mask):
+        matched.append(cell_mask.sum(1) - 12)
+        return match_logits(cell_hidden, cell_mask, text_ids, text_mask)
+    model.match_logits = record
+    torch.manual_seed(0)
+    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)
+    total.backward()
+    # One text pass over the 4 distinct texts of the 4 cells that have one ...
+    assert ("text", 4) in spy.text_rows
+    # ... and the matching pass pairs only those cells: 4 positives, then up to 4 + 4 negatives.
+    paired = matched[0]
+    assert paired[:4].tolist() == [0, 1, 3, 4] and 6 <= len(paired) <= 12
+    assert set(paired.tolist()) <= {0, 1, 3, 4}
+    assert parts["ctm"] > 0 and parts["cell_text"] > 0
+
+
+def test_an_all_textless_batch_trains_the_cell_side_and_keeps_every_gradient():
+    model = _model()
+    batch = _batch(model, [_meta("B")] * 4, [["cell_type"]] * 4, [False] * 4)
+    torch.manual_seed(0)
+    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)
+    total.backward()
+    assert parts["cell_text"] == 0.0 and parts["ctm"] == 0.0 and parts["mlm"] > 0
+    # Every parameter still has a gradient (ZeRO expects one on every rank).
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("off", ["mlm", "cell_cell", "ctm", "text"])
+def test_objectives_with_weight_zero_cost_nothing(off):
+    model = _model()
+    batch = _batch(model, CELLS, CHOSEN, [True] * 5)
+    weights = LossWeights()
+    if off == "text":
+        weights.cell_text = weights.ctm = 0.0
+    else:
+        setattr(weights, off, 0.0)
+    spy = _Spy(model)
+    torch.manual_seed(0)
+    _, parts = pretrain_losses(model, batch, 2, weights, 0.15, 0.05)
+    modes = [m for m, _ in spy.text_rows]
+    assert (spy.mlm_calls == 0) == (off == "mlm")
+    assert spy.cell_rows == [5 if off == "cell_cell" else 10]
+    assert ("multimodal" in modes) == (off not in ("ctm", "text"))
+    assert (len(modes) == 0) == (off == "text")
+    assert set(parts) == {"mlm", "cell_cell", "cell_text", "ctm"} - ({"cell_text", "ctm"} if off == "text" else {off})

@@ -10,7 +10,7 @@ import numpy as np
 from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -41,7 +41,7 @@ def confusion_png(cm, labels, path: Path, title: str) -> Path:
                 if cm[i, j]:
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
                             color="white" if norm[i, j] > 0.5 else "black")
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -75,7 +75,7 @@ def embedding_png(xy: np.ndarray, colourings: dict[str, np.ndarray], path: Path,
         ax.set_yticks([])
         if len(cats) <= 20:
             ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 

@@ -2,7 +2,8 @@
 
 ingest (real PBMCs + synthetic cells) -> scLibrary (Geneformer v1 vocabulary, a cell-level split
 stratified by cell type) -> pre-training stage 1 and 2 (DeepSpeed on CPU, the same code path as a
-GPU run) -> export -> the eval suite on the real PBMC cells that pre-training never saw.
+GPU run) -> export -> zero-shot accuracy of every stage-2 checkpoint (the learning curve) and the
+eval suite on the real PBMC cells that pre-training never saw.
 
 Each step writes into its own folder under `out` and is skipped on a rerun once complete (every
 stage is itself resumable, so a killed demo picks up where it stopped).
@@ -11,6 +12,7 @@ stage is itself resumable, so a killed demo picks up where it stopped).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +28,9 @@ from langcell.files import atomic_write_bytes, atomic_write_json, output_lock
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"
 LOSS_KEYS = ("loss", "mlm", "cell_cell", "cell_text", "ctm")
+# Entropy of the matching labels (1 match : 2 hard negatives, BLIP's ratio): the loss of a head
+# that has learned nothing but that ratio.
+CTM_PRIOR_ENTROPY = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class DemoConfig:
     stage1_steps: int | None = None  # None: the pretrain config's max_steps
     stage2_steps: int | None = None
     eval_config: str = "demo"       # configs/eval/<name>.yaml
+    seed: int = 0                   # pre-training's seed (`langcell demo --seed`); the library stays the same
 
 
 def load_demo_config(name_or_path: str) -> tuple[DemoConfig, Path]:
@@ -70,25 +76,41 @@ def _run_cli(args: list[str]) -> None:
                             "see its output above, then rerun `langcell demo` to resume")
 
 
-def run_demo(out: str | os.PathLike, config: str = "default") -> Path:
+def run_demo(out: str | os.PathLike, config: str = "default", seed: int | None = None) -> Path:
     """Run (or resume) the demo into `out`; returns the path of `out/report.md`."""
-    cfg, cfg_path = load_demo_config(config)
+    cfg, _ = load_demo_config(config)
+    if seed is not None:
+        cfg.seed = seed
     out = Path(out)
     started = time.time()
     with output_lock(out):
+        _check_same_config(out, cfg)
         stores = _make_stores(out, cfg)
         ingests = _ingest(out, stores)
         library = _build(out, ingests, cfg)
         eval_data = _held_out_real_cells(out, library)
         export = _pretrain_and_export(out, library, cfg)
+        curve = _learning_curve(out, library, eval_data, cfg)
         report_dir = out / "eval"
         if _step("eval suite", (report_dir / "metrics.json").is_file()):
             from eval.suite import run_suite
             run_suite(cfg.eval_config, model=str(export), data=str(eval_data), out=str(report_dir),
                       library=str(library))
-        report = _write_report(out, cfg, cfg_path, library, eval_data, report_dir, time.time() - started)
+        report = _write_report(out, cfg, config, library, eval_data, report_dir, curve, time.time() - started)
     print(f"[demo] report: {report}")
     return report
+
+
+def _check_same_config(out: Path, cfg: DemoConfig) -> None:
+    """Finished steps are reused only by a rerun of the same config (and seed)."""
+    from dataclasses import asdict
+
+    path = out / "demo_config.json"
+    if path.is_file() and json.loads(path.read_text()) != asdict(cfg):
+        raise LangCellError(f"{path}: this folder holds a demo run with another config or seed; "
+                            "pass another --out (or delete the folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, asdict(cfg))
 
 
 def _make_stores(out: Path, cfg: DemoConfig) -> dict[str, Path]:
@@ -160,7 +182,7 @@ def _pretrain_and_export(out: Path, library: Path, cfg: DemoConfig) -> Path:
     for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
         if _step(f"pre-training stage {stage}", (run / f"stage{stage}" / "done.json").is_file()):
             args = ["pretrain", "--config", pretrain_config, "--data", str(library), "--out", str(run),
-                    "--stage", str(stage)]
+                    "--stage", str(stage), "--seed", str(cfg.seed)]
             _run_cli(args + (["--max-steps", str(steps)] if steps else []))
     if _step("export (published LangCell layout)", (export / "langcell_config.json").is_file()):
         from pretrain.engine import export_run
@@ -168,8 +190,45 @@ def _pretrain_and_export(out: Path, library: Path, cfg: DemoConfig) -> Path:
     return export
 
 
-def _write_report(out: Path, cfg: DemoConfig, cfg_path: Path, library: Path, eval_data: Path,
-                  report_dir: Path, seconds: float) -> Path:
+def _learning_curve(out: Path, library: Path, eval_data: Path, cfg: DemoConfig) -> dict:
+    """Zero-shot on the held-out cells at every stage-2 checkpoint, with the references; each
+    point is saved as it is scored, so a killed demo resumes at the next checkpoint."""
+    import shutil
+    import tempfile
+
+    from eval.learning_curve import checkpoint_zero_shot, curve_png, references
+    from eval.settings import load_eval_config
+    from pretrain.engine import checkpoint_tags, export_run
+
+    path = out / "learning_curve.json"
+    curve = json.loads(path.read_text()) if path.is_file() else {"points": []}
+    done = {p["step"] for p in curve["points"]}
+    tags = checkpoint_tags(out / "run", 2)
+    if not _step("zero-shot at every stage-2 checkpoint", "references" in curve and done >= {s for s, _ in tags}):
+        return curve
+    settings = {"data": str(eval_data), "library": str(library), "out": str(out / "eval")}
+    if "references" not in curve:
+        curve["references"] = references(load_eval_config(cfg.eval_config, {**settings, "model": str(out / "export")}),
+                                         library / "hf" / "train")
+    for step, tag in tags:
+        if step in done:
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
+        try:
+            export = export_run(out / "run", tmp / "export", tag)
+            point = checkpoint_zero_shot(load_eval_config(cfg.eval_config, {**settings, "model": str(export)}))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        curve["points"] = sorted(curve["points"] + [{"step": step, **point}], key=lambda p: p["step"])
+        atomic_write_json(path, curve)
+    curve_png(curve["points"], curve["references"], out / "learning_curve.png",
+              "zero-shot on held-out real PBMCs during stage 2")
+    atomic_write_json(path, curve)
+    return curve
+
+
+def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_data: Path,
+                  report_dir: Path, curve: dict, seconds: float) -> Path:
     from datasets import load_from_disk
 
     from ingest.demo_census import CELLTYPIST_DATASET, PBMC68K_DATASET
@@ -186,8 +245,8 @@ def _write_report(out: Path, cfg: DemoConfig, cfg_path: Path, library: Path, eva
     lines = [
         "# LangCell demo report",
         "",
-        f"Config `{cfg_path}`; this invocation took {seconds / 60:.1f} min. Every number below is read "
-        "from the files the pipeline wrote; none is typed by hand.",
+        f"Config `{config}`, pre-training seed {cfg.seed}; this invocation took {seconds / 60:.1f} min. "
+        "Every number below is read from the files the pipeline wrote; none is typed by hand.",
         "",
         "## Cells per split and dataset: which are real, which are synthetic",
         "",
@@ -212,16 +271,34 @@ def _write_report(out: Path, cfg: DemoConfig, cfg_path: Path, library: Path, eva
         losses = ", ".join(f"{k} {summary[k]:.3f}" for k in LOSS_KEYS if summary.get(k) is not None)
         lines.append(f"| {stage} | {summary.get('step')} | {losses} | {summary.get('cells_per_s', 0):.1f} |")
     zs = metrics.get("zero-shot", {})
+    refs = curve["references"]
+    final = curve["points"][-1] if curve["points"] else {}
     majority = max(counts.values()) / n_test
     lines += [
+        "",
+        f"The matching loss (ctm) starts at {CTM_PRIOR_ENTROPY:.3f}, the entropy of its 1 match : 2 non-matches "
+        "labels; below it, the matching head tells true descriptions from hard negatives.",
         "",
         f"## Zero-shot annotation of {n_test} held-out real PBMC cells ({len(counts)} types)",
         "",
         "| | accuracy | macro-F1 |",
         "|---|---|---|",
         f"| LangCell (this demo model) | {zs.get('accuracy', float('nan')):.3f} | {zs.get('macro_f1', float('nan')):.3f} |",
+        f"| LangCell, similarity only (no matching head) | {final.get('similarity_only_accuracy', float('nan')):.3f} "
+        f"| {final.get('similarity_only_macro_f1', float('nan')):.3f} |",
+        f"| logistic regression on the {refs['logreg_train_cells']} labelled PBMCs pre-training saw "
+        f"| {refs['logreg_accuracy']:.3f} | {refs['logreg_macro_f1']:.3f} |",
         f"| chance (uniform over {len(counts)} types) | {1 / len(counts):.3f} | |",
         f"| majority class ({counts.most_common(1)[0][0]}) | {majority:.3f} | |",
+        "",
+        "### During stage 2",
+        "",
+        "![zero-shot accuracy at every stage-2 checkpoint](learning_curve.png)",
+        "",
+        "| step | accuracy | macro-F1 | similarity-only accuracy | similarity-only macro-F1 |",
+        "|---|---|---|---|---|",
+        *(f"| {p['step']} | {p['accuracy']:.3f} | {p['macro_f1']:.3f} | {p['similarity_only_accuracy']:.3f} "
+          f"| {p['similarity_only_macro_f1']:.3f} |" for p in curve["points"]),
         "",
         f"The full evaluation (few-shot against logistic regression and kNN, retrieval, integration, "
         f"plots) is in [{report_dir.name}/report.md]({report_dir.name}/report.md).",
@@ -229,6 +306,9 @@ def _write_report(out: Path, cfg: DemoConfig, cfg_path: Path, library: Path, eva
     ]
     report = out / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
-    atomic_write_json(out / "demo_summary.json", {"zero_shot": zs, "chance": 1 / len(counts),
-                                                  "majority": majority, "n_test": n_test, "seconds": seconds})
+    atomic_write_json(out / "demo_summary.json", {
+        "zero_shot": zs, "similarity_only": {k: final.get(f"similarity_only_{k}") for k in ("accuracy", "macro_f1")},
+        "logreg": {k: refs[f"logreg_{k}"] for k in ("accuracy", "macro_f1")}, "chance": 1 / len(counts),
+        "majority": majority, "n_test": n_test, "seed": cfg.seed, "stage2": summaries[2],
+        "ctm_prior_entropy": CTM_PRIOR_ENTROPY, "seconds": seconds})
     return report

@@ -10,11 +10,13 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (report.md is written here)")
     parser.add_argument("--config", default="default",
                         help="configs/demo/<name>.yaml or a YAML path (default: default; `ci` is a reduced run)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="pre-training seed (default: the config's); the library and held-out cells stay the same")
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args) -> int:
     from langcell.demo import run_demo
 
-    run_demo(args.out, args.config)
+    run_demo(args.out, args.config, args.seed)
     return 0

@@ -31,6 +31,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (default: the config's, e.g. zero2.json)")
     p.add_argument("--max-steps", type=int, default=None, help="override the stage's max_steps")
+    p.add_argument("--seed", type=int, default=None,
+                   help="override the config's seed (initial weights, data order, masking); give both stages the same")
     p.set_defaults(handler=_pretrain)
 
     e = subparsers.add_parser("export", help="write a run's weights in the published LangCell layout")
@@ -50,7 +52,11 @@ def _pretrain(args) -> int:
     handler.setFormatter(logging.Formatter("langcell pretrain: %(message)s"))
     logging.getLogger("pretrain").addHandler(handler)
     logging.getLogger("pretrain").setLevel(logging.INFO)
-    overrides = {f"stage{args.stage}.max_steps": args.max_steps} if args.max_steps is not None else None
+    overrides = {}
+    if args.max_steps is not None:
+        overrides[f"stage{args.stage}.max_steps"] = args.max_steps
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     summary = pretrain(args.config, args.data, args.out, args.stage, args.deepspeed_config, overrides)
     import torch
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

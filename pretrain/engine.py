@@ -169,10 +169,13 @@ def _optimizer(model, stage_cfg):
 
 
 # ----------------------------------------------------------------------------- weights
-def consolidated_state_dict(ckpt_dir: Path) -> dict:
-    """fp32 weights of the latest checkpoint in `ckpt_dir`, from any ZeRO stage."""
+def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None) -> dict:
+    """fp32 weights of checkpoint `tag` (default: the latest) in `ckpt_dir`, from any ZeRO stage."""
     import torch
-    tag = (ckpt_dir / "latest").read_text().strip()
+    tag = tag or (ckpt_dir / "latest").read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise LangCellError(f"{ckpt_dir}/{tag}: no such checkpoint; the folder has "
+                            f"{sorted(p.name for p in ckpt_dir.glob('step*'))}")
     if any((ckpt_dir / tag).glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
@@ -403,8 +406,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write RUN's latest weights (stage 2 if it has a checkpoint, else stage 1) in the LangCell layout."""
+def checkpoint_tags(run: str | os.PathLike, stage: int) -> list[tuple[int, str]]:
+    """(step, tag) of every checkpoint a stage of RUN still holds, in step order."""
+    tags = sorted(p.name for p in (Path(run) / f"stage{stage}" / "checkpoints").glob("step*") if p.is_dir())
+    return [(int(t[len("step"):]), t) for t in tags]
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
+    """Write RUN's latest weights (stage 2 if it has a checkpoint, else stage 1) in the LangCell
+    layout; `tag` (`stepNNNNNNN`) picks an earlier checkpoint of that stage."""
     import torch
     from transformers import AutoTokenizer, BertConfig
 
@@ -418,7 +428,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     ckpt_dir = run / f"stage{stage}" / "checkpoints"
     if not (ckpt_dir / "latest").is_file():
         raise LangCellError(f"{run}: no checkpoint in stage1/ or stage2/; train first (langcell pretrain)")
-    state = consolidated_state_dict(ckpt_dir)
+    state = consolidated_state_dict(ckpt_dir, tag)
     torch.manual_seed(0)
     if stage == 2:
         model = LangCellPretrainModel(model_cfg, with_text=False, warm_start=False)

@@ -293,7 +293,7 @@ def _sketch_part(job) -> int:
     return rows
 
 
-# --- splits ----------------------------------------------------------------
+# --- splits ------------------------------------------------------------------------------------
 def _plan_splits(parts: _Parts, config: BuildConfig) -> list[np.ndarray]:
     import pandas as pd
 

@@ -114,7 +114,7 @@ class SpillWriter:
         self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-# --- cut -----------------------------------------------------------------------------------------
+# --- cut ---------------------------------------------------------------------------------------
 @dataclass
 class BucketJob:
     out: str

@@ -124,7 +124,8 @@ def test_kill_while_cutting_then_resume_equals_clean_build(blocked, tmp_path, mo
     records = sorted((lib / "work" / "shuffle" / "train").glob("bucket-*.json"))
     assert [p.name for p in records] == ["bucket-00000.json", "bucket-00001.json"]
     # Spill files stay under work/, never where a reader looks for shards.
-    assert all(p.suffix == ".tar" and p.parent.parent.name == "shards" for p in (lib / "shards").rglob("*") if p.is_file())
+    files = [p for p in (lib / "shards").rglob("*") if p.is_file()]
+    assert all(p.suffix == ".tar" and p.parent.parent.name == "shards" for p in files)
     recorded = json.loads(records[0].read_text())["shards"][0]["name"]
     (lib / recorded).write_bytes(b"corrupt")  # a recorded shard damaged: its bucket is cut again
 

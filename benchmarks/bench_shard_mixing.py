@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tarfile
@@ -65,10 +66,11 @@ def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> d
                 timed["seconds"] = time.perf_counter() - started
 
         build_mod._cut_shards = timed_cut
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     manifest = build_mod.build_library(ingest, out, load_build_config(None, overrides), progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     return {"code": str(Path(build_mod.__file__).resolve().parents[1]), "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
             "cut_seconds": round(timed["seconds"], 2) if timed else None,
             "n_cells": manifest["n_cells"], "train_shards": len(manifest["splits"]["train"]["shards"]),
             "peak_rss_mb": round(_peak_rss_mb())}
@@ -88,6 +90,13 @@ def _child_warm() -> dict:
     X.data = np.ceil(X.data * 10)
     tokenizer_mod.RankValueTokenizer(tokens, medians).tokenize_csr(X, genes, None)
     return {"code": str(Path(tokenizer_mod.__file__).resolve().parents[1])}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads): on a machine shared with other
+    jobs it moves far less with their load than wall time does."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", type=int, default=50)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--bucket-cells", type=int, default=5_000)
-    parser.add_argument("--repeats", type=int, default=2, help="builds of each kind, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="builds of each kind, alternating")
     parser.add_argument("--baseline", default=BASELINE, help="commit whose build writes shards in ingest order")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
@@ -212,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args, runs: dict, mixing: dict, uniform: float, load: float, made: float) -> str:
     best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
-    ratio = best["new"] / best["old"]
+    best_cpu = {kind: min(r["cpu_seconds"] for r in rs) for kind, rs in runs.items()}
+    ratio, cpu_ratio = best["new"] / best["old"], best_cpu["new"] / best_cpu["old"]
     new, old = mixing["new"], mixing["old"]
     cut = [r["cut_seconds"] for r in runs["new"]]
     lines = [f"Command: `.venv/bin/python -m benchmarks.bench_shard_mixing --cells {args.cells} --datasets "
@@ -232,18 +242,22 @@ def _report(args, runs: dict, mixing: dict, uniform: float, load: float, made: f
              f"| old: ingest order | {old['stored']:.2f} | {old['trainer']:.2f} |",
              f"| new: seeded random over the split | {new['stored']:.2f} | {new['trainer']:.2f} |",
              f"| uniform shuffle of the split | {uniform:.2f} | |", "",
-             "Build time (seconds, wall, each run) and peak RSS:", "",
-             "| build | runs (s) | best (s) | peak RSS (MB) |", "| --- | --- | ---: | ---: |"]
+             "Build time of each run (wall and CPU seconds, user + system) and peak RSS:", "",
+             "| build | wall (s) | best wall (s) | CPU (s) | best CPU (s) | peak RSS (MB) |",
+             "| --- | --- | ---: | --- | ---: | ---: |"]
     for kind in ("old", "new"):
-        seconds = ", ".join(f"{r['seconds']:.1f}" for r in runs[kind])
-        lines.append(f"| {kind} | {seconds} | {best[kind]:.1f} | {max(r['peak_rss_mb'] for r in runs[kind]):,} |")
+        wall = ", ".join(f"{r['seconds']:.1f}" for r in runs[kind])
+        cpu = ", ".join(f"{r['cpu_seconds']:.1f}" for r in runs[kind])
+        lines.append(f"| {kind} | {wall} | {best[kind]:.1f} | {cpu} | {best_cpu[kind]:.1f} | "
+                     f"{max(r['peak_rss_mb'] for r in runs[kind]):,} |")
     cut_seconds = ", ".join(f"{c:.1f}" for c in cut)
     lines += ["", f"The new build's cut (buckets read back, shuffled, written as shards): {cut_seconds} s of "
               "its runs.", "",
               f"Goals: trainer batches of the new order >= 80% of a uniform shuffle: "
               f"{'met' if new['trainer'] >= 0.8 * uniform else 'NOT met'} ({new['trainer'] / uniform:.0%}; stored "
               f"order {new['stored'] / uniform:.0%}; old order {old['trainer'] / uniform:.0%}); build time new/old "
-              f"<= 1.3: {'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x, best of each)."]
+              f"<= 1.3: {'met' if max(ratio, cpu_ratio) <= 1.3 else 'NOT met'} (best of each: wall {ratio:.2f}x, "
+              f"CPU {cpu_ratio:.2f}x; the CPU ratio is the steadier one on a shared machine)."]
     return "\n".join(lines)
 
 

@@ -252,7 +252,8 @@ def _report(args, runs: dict, mixing: dict, uniform: float, load: float, made: f
                      f"{max(r['peak_rss_mb'] for r in runs[kind]):,} |")
     cut_seconds = ", ".join(f"{c:.1f}" for c in cut)
     lines += ["", f"The new build's cut (buckets read back, shuffled, written as shards): {cut_seconds} s of "
-              "its runs.", "",
+              "its runs. Here the spill files stay in the page cache; on a Census-size library the cut reads "
+              "and writes every shard's bytes once more from disk, on the finalizing machine's --workers.", "",
               f"Goals: trainer batches of the new order >= 80% of a uniform shuffle: "
               f"{'met' if new['trainer'] >= 0.8 * uniform else 'NOT met'} ({new['trainer'] / uniform:.0%}; stored "
               f"order {new['stored'] / uniform:.0%}; old order {old['trainer'] / uniform:.0%}); build time new/old "

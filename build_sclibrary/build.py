@@ -1,16 +1,17 @@
 """`langcell build`: an ingest folder -> scLibrary (docs/DEVELOPING.md, contract build -> pretrain/eval).
 
 Work is cut by ingest part. For each part a worker verifies the part's sha256, tokenizes it in
-chunks, writes its cells to webdataset tars (per split, numbered from a range reserved for the
-part in advance, so names never depend on timing) and to one Arrow stream file per split, and
-finally writes `work/parts/part-NNNNN.json` with the sha256 of everything it wrote. A rerun
-trusts a part only through that record, its files and their checksums, so a killed run resumes
-where it stopped and repeats nothing that is complete. Once every part is done, the Arrow files
-become `hf/{split}` (`datasets.save_to_disk`), and `type2text.json`, `text_variants.json`,
+chunks, scatters its cells' tar members to the shuffle buckets of their split (one spill file per
+split, build_sclibrary/shuffle.py), writes them to one Arrow stream file per split, and finally
+writes `work/parts/part-NNNNN.json` with the sha256 of everything it wrote. A rerun trusts a part
+only through that record, its files and their checksums, so a killed run resumes where it stopped
+and repeats nothing that is complete. Once every part is done, each bucket is cut into shuffled
+webdataset shards (resumable bucket by bucket), the Arrow files become `hf/{split}`
+(`datasets.save_to_disk`, rows in ingest order), and `type2text.json`, `text_variants.json`,
 `stats.md`/`stats.png` and `manifest.json` (complete) are written.
 
 `--shard i/N` builds the parts with index % N == i (one machine each, same output folder on a
-shared file system); the run that finds every part done finalizes.
+shared file system); the run that finds every part done cuts the shards and finalizes.
 
 Several ingest folders build one library: their parts are numbered globally in the order given
 (ingest 0's parts first), each part is tokenized with its own ingest's genes, and cells are
@@ -19,9 +20,7 @@ keyed by `ingest * KEY_STRIDE + soma_joinid` because every store numbers its cel
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -34,9 +33,9 @@ import pyarrow as pa
 
 from ingest.ontology import split_term_ids
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
 
-from build_sclibrary import ingest_io, shard_tar, stats as stats_mod, vocab as vocab_mod
+from build_sclibrary import ingest_io, shard_tar, shuffle, stats as stats_mod, vocab as vocab_mod
 from build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard
 from build_sclibrary.splits import assign_splits
 from build_sclibrary.texts import TextBuilder, load_terms
@@ -72,7 +71,7 @@ class _PartJob:
     part: dict
     gene_ids: list
     split_codes: np.ndarray
-    shard_start: dict
+    n_buckets: list  # shuffle buckets per split, in SPLITS order
     config: dict
     vocab_sha: dict
     text_config: dict = field(default_factory=dict)
@@ -170,16 +169,18 @@ def _build(roots: list[Path], out: Path, config: BuildConfig, shard_index: int, 
     # Splits first: reading every part's obs also checks the joinids before the median pass.
     codes = _plan_splits(parts, config)
     vocab_sha = _prepare_vocab(parts, out, config, mine, progress)
-    starts = _reserve_shards(codes, config.shard_size)
+    planned = sum(np.bincount(c, minlength=len(SPLITS)) for c in codes)
+    n_buckets = shuffle.bucket_counts({split: int(planned[k]) for k, split in enumerate(SPLITS)}, config.bucket_cells)
     term_roots = [str(root) for root in roots]
     pending = []
     for i in mine:
         if _trusted_record(out, i, vocab_sha) is None:
             ingest = parts.ingest(i)
             pending.append(_PartJob(str(ingest.root), str(out), i, parts.part(i), ingest.gene_ids, codes[i],
-                                    starts[i], output_config, vocab_sha, text_config.__dict__,
+                                    [n_buckets[s] for s in SPLITS], output_config, vocab_sha, text_config.__dict__,
                                     parts.ingest_index(i), term_roots))
-    _run_jobs(pending, config.workers, progress, "tokenize", _process_part)
+    _run_jobs(pending, [int(job.part.get("rows") or 0) for job in pending], config.workers, progress, "tokenize",
+              _process_part)
 
     # This run checked (or wrote) its own parts; other shards' parts are checked here.
     all_records = [_trusted_record(out, i, vocab_sha, verify=i % shard_count != shard_index)
@@ -190,7 +191,8 @@ def _build(roots: list[Path], out: Path, config: BuildConfig, shard_index: int, 
               "still missing, the run that finishes last writes the library")
         return manifest
     if shard_count == 1:
-        return _finalize(roots, out, manifest, all_records, vocab_sha, text_config)
+        shards = _cut_shards(out, all_records, config, n_buckets, progress)
+        return _finalize(roots, out, manifest, all_records, shards, vocab_sha, text_config)
     try:
         lock = output_lock(out)
         lock.__enter__()
@@ -202,7 +204,8 @@ def _build(roots: list[Path], out: Path, config: BuildConfig, shard_index: int, 
         if current.get("complete"):
             return current
         _remove_temporaries(out)
-        return _finalize(roots, out, manifest, all_records, vocab_sha, text_config)
+        shards = _cut_shards(out, all_records, config, n_buckets, progress)
+        return _finalize(roots, out, manifest, all_records, shards, vocab_sha, text_config)
     finally:
         lock.__exit__(None, None, None)
 
@@ -257,7 +260,8 @@ def _prepare_vocab(parts: _Parts, out: Path, config: BuildConfig, mine: list[int
         jobs = [(str(parts.ingest(i).root), parts.part(i), i, maps[parts.owner[i]], len(slot_ids), config.chunk_rows,
                  config.bins_per_decade, str(sketch_dir)) for i in mine
                 if not (sketch_dir / f"part-{i:05d}.npz").is_file()]
-        _run_jobs(jobs, config.workers, progress, "gene medians", _sketch_part)
+        _run_jobs(jobs, [int(job[1].get("rows") or 0) for job in jobs], config.workers, progress, "gene medians",
+                  _sketch_part)
         paths = [sketch_dir / f"part-{i:05d}.npz" for i in range(len(parts))]
         missing = [p for p in paths if not p.is_file()]
         if missing:
@@ -289,7 +293,7 @@ def _sketch_part(job) -> int:
     return rows
 
 
-# --- splits and shard numbering ----------------------------------------------------------------
+# --- splits ------------------------------------------------------------------------------------
 def _plan_splits(parts: _Parts, config: BuildConfig) -> list[np.ndarray]:
     import pandas as pd
 
@@ -317,18 +321,6 @@ def _plan_splits(parts: _Parts, config: BuildConfig) -> list[np.ndarray]:
     return np.split(codes, np.cumsum(sizes)[:-1])
 
 
-def _reserve_shards(codes: list[np.ndarray], shard_size: int) -> list[dict]:
-    """First shard number per part and split: each part owns ceil(cells / shard_size) numbers."""
-    next_number = {split: 0 for split in SPLITS}
-    starts = []
-    for part_codes in codes:
-        counts = np.bincount(part_codes, minlength=3)
-        starts.append(dict(next_number))
-        for code, split in enumerate(SPLITS):
-            next_number[split] += math.ceil(int(counts[code]) / shard_size)
-    return starts
-
-
 # --- per-part work -----------------------------------------------------------------------------
 def _record_path(out: Path, index: int) -> Path:
     return out / "work" / "parts" / f"part-{index:05d}.json"
@@ -344,10 +336,13 @@ def _trusted_record(out: Path, index: int, vocab_sha: dict, verify: bool = True)
         return None
     if record.get("status") != "done" or record.get("vocab_sha256") != vocab_sha:
         return None
-    for entry in [*(s for split in SPLITS for s in record["shards"][split]), *record["hf"].values()]:
-        file = out / entry["name"]
-        if not file.is_file() or (verify and sha256_file(file) != entry["sha256"]):
-            return None
+    for split in SPLITS:
+        spill, hf = record["spill"][split], record["hf"][split]
+        for name, digest in ((spill["name"], spill["sha256"]), (spill["index"], spill["index_sha256"]),
+                             (hf["name"], hf["sha256"])):
+            file = out / name
+            if not file.is_file() or (verify and sha256_file(file) != digest):
+                return None
     return record
 
 
@@ -376,50 +371,37 @@ def _resources(job: _PartJob):
 
 
 class _SplitWriter:
-    """Cells of one part and one split: tars of `shard_size` cells and one Arrow stream file."""
+    """Cells of one part and one split: tar members scattered to the split's shuffle buckets, and
+    one Arrow stream file."""
 
-    def __init__(self, out: Path, split: str, part_index: int, first_number: int, shard_size: int,
-                 multi: bool = False):
-        self.out, self.split, self.shard_size = out, split, shard_size
-        self.number = first_number
-        self.pending: list[tuple[str, bytes, bytes, bytes]] = []
-        self.shards: list[dict] = []
-        self.n_cells = 0
+    def __init__(self, out: Path, split: str, part_index: int, n_buckets: int, multi: bool = False):
+        self.out = out
+        self.spill = shuffle.SpillWriter(out, split, part_index, n_buckets)
         self.arrow_name = f"work/hf/{split}/part-{part_index:05d}.arrow"
         self._arrow_ctx = atomic_path(out / self.arrow_name)
         self._arrow_tmp = self._arrow_ctx.__enter__()
         self._sink = pa.OSFile(str(self._arrow_tmp), "wb")
         self._writer = pa.ipc.new_stream(self._sink, hf_schema(multi))
 
-    def add(self, key: str, tokens: np.ndarray, meta: dict, texts: dict) -> None:
-        self.pending.append((key, shard_tar.npy_bytes(tokens), _json_bytes(meta), _json_bytes(texts)))
-        self.n_cells += 1
-        if len(self.pending) == self.shard_size:
-            self._flush_tar()
+    def add(self, bucket: int, key: str, tokens: np.ndarray, meta: dict, texts: dict) -> None:
+        members = (("input_ids.npy", shard_tar.npy_bytes(tokens)), ("meta.json", _json_bytes(meta)),
+                   ("texts.json", _json_bytes(texts)))
+        self.spill.add(bucket, b"".join(shard_tar.member_bytes(f"{key}.{suffix}", data) for suffix, data in members))
 
-    def add_arrow(self, batch: pa.RecordBatch) -> None:
+    def end_chunk(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
+        self.spill.end_run()
 
-    def _flush_tar(self) -> None:
-        if not self.pending:
-            return
-        name = f"shards/{self.split}/sclibrary-{self.number:06d}.tar"
-        payload = shard_tar.tar_bytes(
-            (f"{key}.{suffix}", data) for key, npy, meta, texts in self.pending
-            for suffix, data in (("input_ids.npy", npy), ("meta.json", meta), ("texts.json", texts)))
-        atomic_write_bytes(self.out / name, payload)
-        self.shards.append({"name": name, "n_cells": len(self.pending), "sha256": hashlib.sha256(payload).hexdigest()})
-        self.number += 1
-        self.pending = []
-
-    def close(self) -> dict:
-        self._flush_tar()
+    def close(self) -> tuple[dict, dict]:
+        spill = self.spill.close()
         self._writer.close()
         self._sink.close()
         self._arrow_ctx.__exit__(None, None, None)
-        return {"name": self.arrow_name, "n_cells": self.n_cells, "sha256": sha256_file(self.out / self.arrow_name)}
+        hf = {"name": self.arrow_name, "n_cells": spill["n_cells"], "sha256": sha256_file(self.out / self.arrow_name)}
+        return spill, hf
 
     def abort(self) -> None:
+        self.spill.abort()
         self._writer.close()
         self._sink.close()
         self._arrow_ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
@@ -435,8 +417,9 @@ def _process_part(job: _PartJob) -> int:
     ingest = ingest_io.Ingest(Path(job.ingest_root), {"parts": [job.part]}, job.gene_ids, [])
     path = ingest_io.verify_part(ingest, job.part)
     multi = job.ingest_index is not None
-    writers = {split: _SplitWriter(out, split, job.index, job.shard_start[split], job.config["shard_size"], multi)
-               for split in SPLITS}
+    buckets = shuffle.scatter_buckets(job.config["seed"], job.index, job.split_codes, job.n_buckets)
+    writers = {split: _SplitWriter(out, split, job.index, job.n_buckets[code], multi)
+               for code, split in enumerate(SPLITS)}
     max_length = job.config["max_length"]
     lengths = np.zeros(max_length + 1, dtype=np.int64)
     text_lengths = np.zeros(TEXT_BINS, dtype=np.int64)
@@ -451,6 +434,7 @@ def _process_part(job: _PartJob) -> int:
             n_tokens = np.diff(offsets)
             columns = {name: obs[name].to_pylist() for name in obs.column_names}
             codes = job.split_codes[row:row + obs.num_rows]
+            chunk_buckets = buckets[row:row + obs.num_rows]
             row += obs.num_rows
             keep_rows = {split: [] for split in SPLITS}
             for i in range(obs.num_rows):
@@ -463,7 +447,7 @@ def _process_part(job: _PartJob) -> int:
                     meta["ingest"] = job.ingest_index
                 split = SPLITS[codes[i]]
                 key = str(cell_key(job.ingest_index, meta["soma_joinid"]))
-                writers[split].add(key, flat[offsets[i]:offsets[i + 1]], meta, cell_texts)
+                writers[split].add(int(chunk_buckets[i]), key, flat[offsets[i]:offsets[i + 1]], meta, cell_texts)
                 keep_rows[split].append(i)
                 lengths[n_tokens[i]] += 1
                 text_lengths[min(TEXT_BINS - 1, len(" ".join(cell_texts.values())) // TEXT_BIN)] += 1
@@ -475,8 +459,8 @@ def _process_part(job: _PartJob) -> int:
                     type2text.setdefault(str(meta["cell_type"]), cell_texts["cell_type"])
             for split in SPLITS:
                 rows = np.asarray(keep_rows[split], dtype=np.int64)
-                writers[split].add_arrow(_arrow_batch(obs, rows, flat, offsets, job.ingest_index))
-        hf = {split: writers[split].close() for split in SPLITS}
+                writers[split].end_chunk(_arrow_batch(obs, rows, flat, offsets, job.ingest_index))
+        closed = {split: writers[split].close() for split in SPLITS}
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -486,7 +470,8 @@ def _process_part(job: _PartJob) -> int:
                             "rerun `langcell ingest`")
     record = {"status": "done", "index": job.index, "name": job.part["name"], "vocab_sha256": job.vocab_sha,
               "n_cells_in": row, "n_skipped_no_vocab_gene": skipped,
-              "shards": {split: writers[split].shards for split in SPLITS}, "hf": hf,
+              "spill": {split: closed[split][0] for split in SPLITS},
+              "hf": {split: closed[split][1] for split in SPLITS},
               "lengths": _sparse_hist(lengths), "text_lengths": _sparse_hist(text_lengths),
               "counts": {name: dict(counter) for name, counter in counters.items()},
               "terms": {aspect: sorted(ids) for aspect, ids in terms.items()}, "type2text": type2text}
@@ -524,13 +509,13 @@ def _arrow_batch(obs: pa.Table, rows: np.ndarray, flat: np.ndarray, offsets: np.
 
 
 # --- running jobs ------------------------------------------------------------------------------
-def _run_jobs(jobs: list, workers: int, progress: bool, what: str, function) -> None:
+def _run_jobs(jobs: list, cells: list[int], workers: int, progress: bool, what: str, function) -> None:
+    """Run `function` (returns the cells it did) on every job; `cells` per job sizes the progress bar."""
     from tqdm import tqdm
 
     if not jobs:
         return
-    total = sum(int(_job_part(job).get("rows") or 0) for job in jobs)
-    with tqdm(total=total, unit="cells", unit_scale=True, desc=what, disable=not progress) as bar:
+    with tqdm(total=sum(cells), unit="cells", unit_scale=True, desc=what, disable=not progress) as bar:
         if workers <= 1 or len(jobs) == 1:
             for job in jobs:
                 bar.update(function(job))
@@ -548,20 +533,30 @@ def _run_jobs(jobs: list, workers: int, progress: bool, what: str, function) -> 
                     bar.update(future.result())
 
 
-def _job_part(job) -> dict:
-    return job.part if isinstance(job, _PartJob) else job[1]
-
-
 # --- finalization ------------------------------------------------------------------------------
-def _finalize(roots: list[Path], out: Path, manifest: dict, records: list[dict], vocab_sha: dict,
+def _cut_shards(out: Path, records: list[dict], config: BuildConfig, n_buckets: dict, progress: bool) -> dict:
+    """Every split's shards, in bucket order: buckets an earlier run cut are kept, the others cut now."""
+    done, jobs = {}, []
+    for code, split in enumerate(SPLITS):
+        spills = [record["spill"][split] for record in records]
+        done[split], pending = shuffle.plan_cut(out, split, code, spills, n_buckets[split], config.seed,
+                                                config.shard_size)
+        jobs += pending
+    _run_jobs(jobs, [job.n_cells for job in jobs], config.workers, progress, "shuffle", shuffle.cut_bucket)
+    for job in jobs:  # written just now by this run: no second pass over their bytes
+        done[job.split][job.bucket] = shuffle.trusted_bucket(out, job.split, job.bucket, job.source, job.first_number,
+                                                             verify=False)
+    return {split: [shard for k in sorted(done[split]) for shard in done[split][k]] for split in SPLITS}
+
+
+def _finalize(roots: list[Path], out: Path, manifest: dict, records: list[dict], shards: dict, vocab_sha: dict,
               text_config) -> dict:
     import datasets
 
     started = time.time()
     splits = {}
     for split in SPLITS:
-        shards = [s for r in records for s in r["shards"][split]]
-        splits[split] = {"n_cells": sum(s["n_cells"] for s in shards), "shards": shards}
+        splits[split] = {"n_cells": sum(s["n_cells"] for s in shards[split]), "shards": shards[split]}
         parts = [datasets.Dataset.from_file(str(out / r["hf"][split]["name"])) for r in records]
         dataset = datasets.concatenate_datasets(parts)
         target = out / "hf" / split
@@ -601,6 +596,8 @@ def _finalize(roots: list[Path], out: Path, manifest: dict, records: list[dict],
                             **({"ingest": r["ingest"]} if "ingest" in r else {})} for r in records],
                     stats=summary, finalize_seconds=round(time.time() - started, 2))
     atomic_write_json(out / "manifest.json", manifest)
-    # The per-part Arrow files duplicate hf/; once the manifest is complete they are not needed.
-    shutil.rmtree(out / "work" / "hf", ignore_errors=True)
+    # The per-part Arrow and spill files duplicate hf/ and the shards; once the manifest is complete
+    # they are not needed (nor are the bucket records, which point at the spill files).
+    for folder in ("hf", "spill", "shuffle"):
+        shutil.rmtree(out / "work" / folder, ignore_errors=True)
     return manifest

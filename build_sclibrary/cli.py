@@ -28,7 +28,9 @@ def add_commands(subparsers) -> None:
     build.add_argument("--workers", type=int, default=None, help="worker processes (one ingest part each)")
     build.add_argument("--shard", default=None, help="i/N: build only parts with index %% N == i (one machine each)")
     build.add_argument("--max-length", type=int, default=None, help="tokens per cell, <cls> included (2048)")
-    build.add_argument("--shard-size", type=int, default=None, help="cells per webdataset tar (10000)")
+    build.add_argument("--shard-size", type=int, default=None, help="cells per webdataset tar, at most (10000)")
+    build.add_argument("--bucket-cells", type=int, default=None,
+                       help="cells per shuffle bucket, cut into shards in random order; memory follows it (50000)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(handler=_build)
 
@@ -59,7 +61,8 @@ def _build(args: argparse.Namespace) -> int:
     from build_sclibrary.config import load_build_config
 
     overrides = {"vocab": args.vocab, "split_by": args.split_by, "seed": args.seed, "workers": args.workers,
-                 "shard": args.shard, "max_length": args.max_length, "shard_size": args.shard_size}
+                 "shard": args.shard, "max_length": args.max_length, "shard_size": args.shard_size,
+                 "bucket_cells": args.bucket_cells}
     if args.fractions is not None:
         try:
             overrides["fractions"] = [float(x) for x in args.fractions.split(",")]

@@ -39,6 +39,7 @@ class BuildConfig:
     seed: int = 0
     max_length: int = 2048
     shard_size: int = 10000
+    bucket_cells: int = 50000
     chunk_rows: int = 4096
     bins_per_decade: int = 128
     texts: str = "texts.yaml"
@@ -55,9 +56,13 @@ class BuildConfig:
             raise ValueError(f"fractions must be three non-negative numbers (train > 0) summing to 1, got {self.fractions}")
         self.fractions = fractions
         self.holdout_cell_types = [str(t) for t in self.holdout_cell_types]
-        for name in ("max_length", "shard_size", "chunk_rows", "bins_per_decade", "workers"):
+        for name in ("max_length", "shard_size", "bucket_cells", "chunk_rows", "bins_per_decade", "workers"):
             if int(getattr(self, name)) < (2 if name == "max_length" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.bucket_cells < self.shard_size:
+            # A bucket is cut into shards; a smaller one would quietly make shards below shard_size.
+            raise ValueError(f"bucket_cells ({self.bucket_cells}) must be at least shard_size ({self.shard_size}); "
+                             "raise bucket_cells or lower shard_size")
         parse_shard(self.shard)
 
     def output_config(self) -> dict[str, Any]:

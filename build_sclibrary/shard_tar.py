@@ -45,18 +45,24 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def member_bytes(name: str, payload: bytes) -> bytes:
+    """One member as it sits in an archive: header, payload, zero padding to a whole block."""
+    return member_header(name, len(payload)) + payload + b"\0" * (-len(payload) % BLOCK)
+
+
+def archive_end(size: int) -> bytes:
+    """What follows `size` bytes of members: two zero blocks, then padding to a whole record.
+
+    Members concatenated in any order plus this end are an archive, so a cell's members can be
+    serialized once and placed into whichever shard it lands in."""
+    end = 2 * BLOCK
+    return b"\0" * (end + (-(size + end) % RECORD))
+
+
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     """A whole archive of `(name, payload)` members, in order."""
-    out = io.BytesIO()
-    for name, payload in members:
-        out.write(member_header(name, len(payload)))
-        out.write(payload)
-        pad = -len(payload) % BLOCK
-        if pad:
-            out.write(b"\0" * pad)
-    out.write(b"\0" * (2 * BLOCK))
-    out.write(b"\0" * (-out.tell() % RECORD))
-    return out.getvalue()
+    body = b"".join(member_bytes(name, payload) for name, payload in members)
+    return body + archive_end(len(body))
 
 
 def npy_bytes(tokens: np.ndarray) -> bytes:

@@ -34,8 +34,11 @@ TERMS = [
 
 
 def write_ingest(root: Path, n_cells: int = 240, n_parts: int = 3, n_datasets: int = 6, seed: int = 0,
-                 n_vocab_genes: int = 150, empty_vocab_cells: int = 3, vocab: str = "geneformer") -> dict:
-    """An ingest folder with `n_cells` cells in `n_parts` parts; returns facts the tests check."""
+                 n_vocab_genes: int = 150, empty_vocab_cells: int = 3, vocab: str = "geneformer",
+                 dataset_blocks: bool = False) -> dict:
+    """An ingest folder with `n_cells` cells in `n_parts` parts; returns facts the tests check.
+    `dataset_blocks`: cells stored dataset by dataset, as the Census does (else each cell's
+    dataset is drawn at random)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "cells").mkdir(exist_ok=True)
@@ -80,6 +83,8 @@ def write_ingest(root: Path, n_cells: int = 240, n_parts: int = 3, n_datasets: i
             rows["gene_index"].append(idx.astype(np.int32))
             rows["counts"].append(counts)
             ds = int(rng.integers(0, n_datasets))
+            if dataset_blocks:
+                ds = int(c) * n_datasets // n_cells
             label, term, _ = CELL_TYPES[int(rng.integers(0, len(CELL_TYPES)))]
             obs["dataset_id"].append(f"dataset-{ds}")
             obs["donor_id"].append(f"donor-{ds}-{int(rng.integers(0, 3))}")

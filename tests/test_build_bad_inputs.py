@@ -70,6 +70,13 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, ingest, capsys):
     assert "fractions" in capsys.readouterr().err
 
 
+def test_bucket_smaller_than_a_shard_is_refused(tmp_path, ingest, capsys):
+    args = ["build", "--ingest", str(ingest), "--out", str(tmp_path / "lib"), "--shard-size", "100"]
+    assert main([*args, "--bucket-cells", "99"]) == 2
+    assert "bucket_cells (99) must be at least shard_size (100); raise bucket_cells" in capsys.readouterr().err
+    assert not (tmp_path / "lib").exists()
+
+
 def test_holdout_type_absent_is_refused(tmp_path, ingest):
     _fails(ingest, tmp_path / "lib", "no cell has type 'neuron'", holdout_cell_types=["neuron"])
 

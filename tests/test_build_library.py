@@ -147,10 +147,10 @@ def test_kill_and_resume_gives_identical_library(tmp_path, monkeypatch):
     def dies_in_second_part(job):
         calls.append(job.index)
         if len(calls) == 2:
-            # A crash halfway: one shard of this part is written, then the process dies.
-            writer = build_mod._SplitWriter(Path(job.out), "train", job.index, job.shard_start["train"], 20)
-            writer.add("1", np.array([1, 2], np.int32), {}, {})
-            writer._flush_tar()
+            # A crash halfway: one run of this part's spill is written, then the process dies.
+            writer = build_mod._SplitWriter(Path(job.out), "train", job.index, job.n_buckets[0])
+            writer.add(0, "1", np.array([1, 2], np.int32), {}, {})
+            writer.spill.end_run()
             raise KeyboardInterrupt("killed")
         return real(job)
 
@@ -160,9 +160,10 @@ def test_kill_and_resume_gives_identical_library(tmp_path, monkeypatch):
     partial = json.loads((tmp_path / "lib" / "manifest.json").read_text())
     assert partial["complete"] is False
     assert len(list((tmp_path / "lib" / "work" / "parts").glob("*.json"))) == 1
-    # Corrupt the finished part's first shard too: resume must notice the checksum and redo it.
+    assert not (tmp_path / "lib" / "shards").exists()  # shards are cut only once every part is done
+    # Corrupt the finished part's spill too: resume must notice the checksum and redo the part.
     record = json.loads((tmp_path / "lib" / "work" / "parts" / "part-00000.json").read_text())
-    first = tmp_path / "lib" / record["shards"]["train"][0]["name"]
+    first = tmp_path / "lib" / record["spill"]["train"]["name"]
     first.write_bytes(first.read_bytes()[:-10] + b"0123456789")
 
     monkeypatch.setattr(build_mod, "_process_part", real)

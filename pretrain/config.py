@@ -93,7 +93,8 @@ class LrMultipliers:
     """Each part's learning rate as a multiple of the stage's: a pretrained text encoder usually
     wants a fraction of what fresh projections and heads need."""
     cell: float = 1.0    # cell encoder
-    text: float = 1.0    # text encoder (cross-attention included)
+    text: float = 1.0    # text encoder, its cross-attention excepted
+    cross: float = 1.0   # the text encoder's cross-attention (always fresh: no text model has it)
     proj: float = 1.0    # cell and text projections, temperature
     heads: float = 1.0   # masked-gene and matching heads
 

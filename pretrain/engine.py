@@ -125,6 +125,8 @@ PARTS = (("cell", ("cell_bert.",)), ("text", ("text_bert.",)),
 
 
 def _part(name: str) -> str:
+    if name.startswith("text_bert.") and ".crossattention." in name:
+        return "cross"
     for part, prefixes in PARTS:
         if name.startswith(prefixes):
             return part

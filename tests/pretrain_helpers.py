@@ -31,10 +31,10 @@ def stage(steps: int, lr: float = 2e-3, losses=None) -> dict:
 
 def write_setup(tmp: Path, *, steps1: int = 6, steps2: int = 6, n_cells: int = 96, n_shards: int = 4,
                 micro_batch_size: int = 8, deepspeed: str = "zero2.json", checkpoint_every: int = 100,
-                **extra) -> tuple[Path, Path]:
-    """(library, pretrain config path) under tmp."""
+                unlabelled_every: int = 0, **extra) -> tuple[Path, Path]:
+    """(library, pretrain config path) under tmp; every `unlabelled_every`-th cell has no text."""
     lib = write_synthetic_library(tmp / "lib", n_cells=n_cells, n_shards=n_shards, vocab_size=VOCAB,
-                                  min_len=12, max_len=48, seed=1)
+                                  min_len=12, max_len=48, seed=1, unlabelled_every=unlabelled_every)
     (tmp / "model.yaml").write_text(yaml.safe_dump(MODEL))
     cfg = {"model": str(tmp / "model.yaml"), "seed": 0, "micro_batch_size": micro_batch_size,
            "deepspeed_config": deepspeed, "checkpoint_every": checkpoint_every, "log_every": 1,

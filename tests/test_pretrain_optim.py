@@ -23,7 +23,7 @@ def _model(with_text=True):
 def _lrs_by_part(model, opt):
     part_of = {}
     for name, p in model.named_parameters():
-        part_of[id(p)] = name.split(".")[0]
+        part_of[id(p)] = "crossattention" if ".crossattention." in name else name.split(".")[0]
     out = {}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -34,7 +34,8 @@ def _lrs_by_part(model, opt):
 def test_each_part_gets_its_multiple_of_the_stage_lr_and_the_text_encoder_waits():
     model = _model()
     stage = StageConfig(max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1,
-                        lr_multipliers=LrMultipliers(cell=1.0, text=0.1, proj=2.0, heads=0.5), freeze_text_steps=20)
+                        lr_multipliers=LrMultipliers(cell=1.0, text=0.1, cross=3.0, proj=2.0, heads=0.5),
+                        freeze_text_steps=20)
     opt, sched = _optimizer(model, stage)
     # Every trainable parameter is in exactly one group.
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
@@ -47,6 +48,8 @@ def test_each_part_gets_its_multiple_of_the_stage_lr_and_the_text_encoder_waits(
     # Step 9 ends the others' warm-up; the text encoder's lr is 0 until step 20, then warms up.
     assert seen[9]["cell_bert"] == [1e-3] and seen[9]["cell_proj"] == [2e-3] and seen[9]["logit_scale"] == [2e-3]
     assert seen[9]["mlm_head"] == [5e-4] and seen[9]["ctm_head"] == [5e-4]
+    # The cross-attention is fresh even in a pretrained text encoder: its own rate, never held at 0.
+    assert seen[0]["crossattention"] == [3e-4] and seen[9]["crossattention"] == [3e-3]
     assert all(seen[s]["text_bert"] == [0.0] for s in range(20))
     assert seen[20]["text_bert"] == [1e-4 / 10] and seen[29]["text_bert"] == [1e-4]
     # Then all decay by the same cosine to min_lr_ratio.

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from ingest.ontology import split_term_ids
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, read_record, sha256_file
 
 from build_sclibrary import ingest_io, shard_tar, shuffle, stats as stats_mod, vocab as vocab_mod
 from build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard
@@ -327,12 +327,8 @@ def _record_path(out: Path, index: int) -> Path:
 
 
 def _trusted_record(out: Path, index: int, vocab_sha: dict, verify: bool = True) -> dict | None:
-    path = _record_path(out, index)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    record = read_record(_record_path(out, index))
+    if record is None:
         return None
     if record.get("status") != "done" or record.get("vocab_sha256") != vocab_sha:
         return None

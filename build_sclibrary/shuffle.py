@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path, atomic_write_json, sha256_file
+from langcell.files import atomic_path, atomic_write_json, read_record, sha256_file
 
 from build_sclibrary import shard_tar
 
@@ -150,12 +150,8 @@ def bucket_record_path(out: Path, split: str, bucket: int) -> Path:
 def trusted_bucket(out: Path, split: str, bucket: int, source: str, first_number: int,
                    verify: bool = True) -> list[dict] | None:
     """The shards of a bucket that an earlier cut finished from these spill files, else None."""
-    path = bucket_record_path(out, split, bucket)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    record = read_record(bucket_record_path(out, split, bucket))
+    if record is None:
         return None
     if record.get("status") != "done" or record.get("source") != source or record.get("first_number") != first_number:
         return None

@@ -73,6 +73,15 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
                             "delete it and rerun the stage that writes it") from None
 
 
+def read_record(path: str | os.PathLike) -> Any:
+    """A progress record written by atomic_write_json, or None where there is none yet (or it
+    cannot be read, which resuming treats as not done)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

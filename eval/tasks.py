@@ -256,7 +256,7 @@ def finetune(ctx: Context, out: Path) -> tuple[dict, str]:
     per_method = {"langcell_ce": [], "logreg": [], "knn": []}
     for seed in fcfg.seeds:
         train, test = stratified_split(ctx.y, fcfg.test_size, seed)
-        clf = CellClassifier(copy.deepcopy(ctx.model), len(ctx.classes)).to(ctx.cfg.device)
+        clf = CellClassifier(ctx.model, len(ctx.classes)).to(ctx.cfg.device)
         train_classifier(clf, [ctx.data.input_ids[i] for i in train], ctx.y[train], fcfg.epochs, fcfg.lr,
                          fcfg.batch_size, seed, ctx.vocab.pad_id, desc=f"finetune seed={seed}")
         pred = predict_classifier(clf, [ctx.data.input_ids[i] for i in test], pad_id=ctx.vocab.pad_id)
@@ -268,7 +268,8 @@ def finetune(ctx: Context, out: Path) -> tuple[dict, str]:
                for m, r in per_method.items()}
     rows = [{"method": m, "accuracy": f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}",
              "macro F1": f"{s['macro_f1_mean']:.4f} ± {s['macro_f1_std']:.4f}"} for m, s in results.items()]
-    body = ["## Fine-tuning (LangCell-CE)", f"Cell encoder + linear head on the <cls> state, stratified "
+    body = ["## Fine-tuning (LangCell-CE)", f"Cell encoder + linear head on the pooled cell state "
+            f"(`{ctx.model.cell_pooling}` pooling, as the model records it), stratified "
             f"{1 - fcfg.test_size:.2f}:{fcfg.test_size:.2f} train/test split, seeds {fcfg.seeds}; baselines on "
             f"the same splits (`{ctx.data.expression_kind}` expression).", "",
             R.table(rows, ["method", "accuracy", "macro F1"])]

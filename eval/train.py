@@ -8,12 +8,15 @@ all B x C pairs go through in one pass, which computes the same loss.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eval.scoring import TEMPERATURE, pad_cells, tokenize_texts
+from pretrain.model import LangCellModel
 
 
 def fewshot_loss(model, input_ids, attention_mask, labels, text_ids, text_mask,
@@ -91,17 +94,22 @@ def train_fewshot(model, seqs, labels: np.ndarray, class_texts: list[str], epoch
 
 
 class CellClassifier(nn.Module):
-    """LangCell-CE: the cell encoder's pooled state (as the model pools it) through a linear head."""
+    """LangCell-CE: the cell encoder's pooled state, pooled as the model records it, through a linear head.
+
+    Holds its own copy of the cell encoder, so fine-tuning leaves `model` as it was; the copy is
+    wrapped in a cell-only LangCellModel that carries `model.cell_pooling`, and pooling goes
+    through its `pool_cells`, the one pooling every eval path uses.
+    """
 
     def __init__(self, model, n_classes: int):
         super().__init__()
-        self.cell_bert = model.cell_bert
-        self.pool_cells = model.pool_cells
+        self.encoder = LangCellModel(copy.deepcopy(model.cell_bert), cell_proj=None,
+                                     cell_pooling=model.cell_pooling)
         self.head = nn.Linear(model.cell_bert.config.hidden_size, n_classes)
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(self.pool_cells(hidden, attention_mask))
+        hidden = self.encoder.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(self.encoder.pool_cells(hidden, attention_mask))
 
 
 def train_classifier(clf: CellClassifier, seqs, labels: np.ndarray, epochs: int, lr: float, batch_size: int,

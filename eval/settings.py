@@ -40,6 +40,13 @@ class FinetuneConfig:
     epochs: int = 3
     lr: float = 5e-5
     batch_size: int = 16
+    # AdamW's weight decay and the share of steps with a linear warm-up (then linear decay to 0).
+    weight_decay: float = 0.001
+    warmup_ratio: float = 0.1
+    # L-BFGS iterations of the linear probe that starts the head before fine-tuning (0 = a fresh
+    # head), and its L2 penalty per unit of mean cross-entropy on standardised pooled states.
+    probe_steps: int = 100
+    probe_l2: float = 0.03
 
 
 @dataclass

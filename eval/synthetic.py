@@ -83,29 +83,25 @@ def class_texts(labels: list[str], ontology=None) -> list[str]:
     return [ontology.description(ontology.term_for(lab)) for lab in labels]
 
 
-def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int = 150, seed: int = 0,
-                      hidden: int = 32, lr: float = 2e-3, batch_size: int = 16,
-                      match_negatives: int | None = None) -> Path:
-    """Train a tiny LangCell model on `adata`'s cells with the few-shot loss and export it."""
+def tiny_model(vocab_dir: str | Path, hidden: int = 32, pooling: str | None = None, seed: int = 0):
+    """An untrained LangCell model of the `tiny` shape over `vocab_dir`'s genes, dropout off.
+
+    `pooling` sets the recorded cell pooling (`cls` or `mean`); None keeps the tiny config's.
+    """
     import torch
 
-    from build_sclibrary.tokenizer import RankValueTokenizer
-    from eval.train import train_fewshot
     from pretrain.config import load_model_config
-    from pretrain.export import save_langcell
     from pretrain.model import LangCellPretrainModel, load_text_tokenizer
 
     torch.manual_seed(seed)
-    vocab_dir = Path(vocab_dir)
-    tokens = json.loads((vocab_dir / "token_dictionary.json").read_text())
-    tokenizer = RankValueTokenizer.from_vocab_dir(vocab_dir, max_length=128)
-    seqs = tokenizer.tokenize_csr(adata.X, list(adata.var_names))
+    tokens = json.loads((Path(vocab_dir) / "token_dictionary.json").read_text())
     cfg = load_model_config("tiny")
     cfg.cell.vocab_size = len(tokens)
     cfg.cell.hidden_size = hidden
     cfg.cell.intermediate_size = 2 * hidden
     cfg.cell.num_attention_heads = 2
     cfg.cell.max_position_embeddings = 128
+    cfg.cell.pooling = pooling or cfg.cell.pooling
     cfg.text.hidden_size = hidden
     cfg.text.intermediate_size = 2 * hidden
     cfg.text.num_attention_heads = 2
@@ -120,6 +116,26 @@ def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int 
             module.dropout = 0.0
     model.text_tokenizer = load_text_tokenizer(cfg.text)
     model.token_dictionary = tokens
+    return model
+
+
+def tokenize_adata(adata, vocab_dir: str | Path, max_length: int = 128) -> list:
+    """`adata`'s cells as rank-value token sequences of `vocab_dir`'s vocabulary."""
+    from build_sclibrary.tokenizer import RankValueTokenizer
+
+    tokenizer = RankValueTokenizer.from_vocab_dir(Path(vocab_dir), max_length=max_length)
+    return tokenizer.tokenize_csr(adata.X, list(adata.var_names))
+
+
+def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int = 150, seed: int = 0,
+                      hidden: int = 32, lr: float = 2e-3, batch_size: int = 16,
+                      match_negatives: int | None = None, pooling: str | None = None) -> Path:
+    """Train a tiny LangCell model on `adata`'s cells with the few-shot loss and export it."""
+    from eval.train import train_fewshot
+    from pretrain.export import save_langcell
+
+    model = tiny_model(vocab_dir, hidden, pooling, seed)
+    seqs = tokenize_adata(adata, vocab_dir)
     types = sorted(adata.obs["cell_type"].astype(str).unique())
     labels = np.asarray([types.index(t) for t in adata.obs["cell_type"].astype(str)])
     epochs = max(1, int(np.ceil(steps * batch_size / len(seqs))))

@@ -256,9 +256,11 @@ def finetune(ctx: Context, out: Path) -> tuple[dict, str]:
     per_method = {"langcell_ce": [], "logreg": [], "knn": []}
     for seed in fcfg.seeds:
         train, test = stratified_split(ctx.y, fcfg.test_size, seed)
-        clf = CellClassifier(copy.deepcopy(ctx.model), len(ctx.classes)).to(ctx.cfg.device)
+        clf = CellClassifier(ctx.model, len(ctx.classes)).to(ctx.cfg.device)
         train_classifier(clf, [ctx.data.input_ids[i] for i in train], ctx.y[train], fcfg.epochs, fcfg.lr,
-                         fcfg.batch_size, seed, ctx.vocab.pad_id, desc=f"finetune seed={seed}")
+                         fcfg.batch_size, seed, ctx.vocab.pad_id, desc=f"finetune seed={seed}",
+                         warmup_ratio=fcfg.warmup_ratio, weight_decay=fcfg.weight_decay,
+                         probe_steps=fcfg.probe_steps, probe_l2=fcfg.probe_l2)
         pred = predict_classifier(clf, [ctx.data.input_ids[i] for i in test], pad_id=ctx.vocab.pad_id)
         per_method["langcell_ce"].append(M.classification_metrics(ctx.y[test], pred))
         base = baselines(ctx.data.expression[train], ctx.y[train], ctx.data.expression[test], ctx.y[test], seed)
@@ -268,9 +270,13 @@ def finetune(ctx: Context, out: Path) -> tuple[dict, str]:
                for m, r in per_method.items()}
     rows = [{"method": m, "accuracy": f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}",
              "macro F1": f"{s['macro_f1_mean']:.4f} ± {s['macro_f1_std']:.4f}"} for m, s in results.items()]
-    body = ["## Fine-tuning (LangCell-CE)", f"Cell encoder + linear head on the <cls> state, stratified "
-            f"{1 - fcfg.test_size:.2f}:{fcfg.test_size:.2f} train/test split, seeds {fcfg.seeds}; baselines on "
-            f"the same splits (`{ctx.data.expression_kind}` expression).", "",
+    probe = (f"the head first fitted alone on the frozen encoder's standardised pooled states ({fcfg.probe_steps} "
+             f"L-BFGS steps, L2 {fcfg.probe_l2:g}), then " if fcfg.probe_steps > 0 else "")
+    body = ["## Fine-tuning (LangCell-CE)", f"Cell encoder + linear head on the pooled cell state "
+            f"(`{ctx.model.cell_pooling}` pooling, as the model records it), cross-entropy; {probe}every weight "
+            f"trained {fcfg.epochs} epochs with AdamW (lr {fcfg.lr:g}, {fcfg.warmup_ratio:.0%} linear warm-up, "
+            f"linear decay). Stratified {1 - fcfg.test_size:.2f}:{fcfg.test_size:.2f} train/test split, seeds "
+            f"{fcfg.seeds}; baselines on the same splits (`{ctx.data.expression_kind}` expression).", "",
             R.table(rows, ["method", "accuracy", "macro F1"])]
     return {"test_size": fcfg.test_size, "seeds": fcfg.seeds, "results": results}, "\n".join(body)
 

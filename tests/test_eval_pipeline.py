@@ -18,16 +18,7 @@ from langcell.cli import main as cli_main
 from langcell.errors import LangCellError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from two threads, and on a shared 2-core box spinning OpenMP
-    threads slow them many times over; restored afterwards for other test files."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

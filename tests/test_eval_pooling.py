@@ -26,15 +26,7 @@ from eval.train import CellClassifier, fewshot_loss
 from pretrain.export import save_langcell
 
 POOLINGS = ("cls", "mean")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

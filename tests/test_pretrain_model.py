@@ -181,6 +181,8 @@ def test_shipped_configs_load():
     assert load_model_config("base").cell.hidden_size == 512
     assert load_model_config("base").cell.num_hidden_layers == 12
     assert load_model_config("tiny").cell.vocab_size == 25427
+    # MiniLM was trained as a mean-pooled sentence encoder; LangCell's BERT pools [CLS].
+    assert load_model_config("minilm").text.pooling == "mean" and load_model_config("base").text.pooling == "cls"
     for name in ("tiny", "demo", "base"):
         cfg = load_pretrain_config(name)
         assert load_model_config(cfg.model).cell.vocab_size == 25427

@@ -119,8 +119,7 @@ class CellClassifier(nn.Module):
 
     def pooled(self, input_ids, attention_mask):
         """[B, H] cell states: the encoder's hidden states through the model's own pooling."""
-        hidden = self.encoder.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.encoder.pool_cells(hidden, attention_mask)
+        return self.encoder.cell_states(input_ids, attention_mask)[0]
 
     def forward(self, input_ids, attention_mask):
         return self.head(self.pooled(input_ids, attention_mask))

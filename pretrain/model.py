@@ -327,10 +327,15 @@ class LangCellModel(nn.Module):
         """[B,H] cell states from the encoder's [B,L,H]: the <cls> state or the mean over tokens."""
         return _pool(hidden, attention_mask, self.cell_pooling)
 
+    def cell_states(self, input_ids, attention_mask):
+        """(pooled cell states [B,H], last hidden states [B,L,H]) of the cell encoder."""
+        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool_cells(hidden, attention_mask), hidden
+
     def encode_cells(self, input_ids, attention_mask):
         """(L2-normalised [B,256] embeddings, last hidden states [B,L,H])."""
-        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.cell_proj(self.pool_cells(hidden, attention_mask)), dim=-1), hidden
+        pooled, hidden = self.cell_states(input_ids, attention_mask)
+        return F.normalize(self.cell_proj(pooled), dim=-1), hidden
 
     def encode_texts(self, input_ids, attention_mask):
         hidden = self.text_bert(input_ids, attention_mask, mode="text")

@@ -1,7 +1,8 @@
 """Evaluation data: token sequences, labels and an expression matrix for the baselines.
 
 DATA is either a build split (`LIB/hf/test`, a `datasets` folder) or an `.h5ad` of raw counts,
-tokenized here with build's `RankValueTokenizer` and the model's own vocabulary.
+opened and checked by `build_sclibrary.user_anndata` and tokenized with build's
+`RankValueTokenizer` and the model's own vocabulary.
 
 The baselines (logistic regression, kNN, PCA) need an expression matrix:
 - from an `.h5ad`: log1p of counts scaled to 10,000 per cell over all genes (scanpy's usual
@@ -22,9 +23,8 @@ import numpy as np
 
 from langcell.errors import LangCellError
 
-GENE_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "gene_ensembl_id")
-SYMBOL_MAP = Path(__file__).resolve().parent.parent / "build_sclibrary" / "reference" / "geneformer_v1" / \
-    "gene_symbol_to_ensembl.json"
+# Rows read from an .h5ad at a time; the baselines need the whole matrix in memory anyway.
+CHUNK_ROWS = 4096
 
 
 @dataclass
@@ -42,51 +42,6 @@ class EvalData:
         idx = np.asarray(idx)
         return EvalData([self.input_ids[i] for i in idx], self.obs.iloc[idx].reset_index(drop=True),
                         self.expression[idx], self.expression_kind, self.source)
-
-
-def resolve_gene_ids(var, token_dictionary: dict, source: str, min_share: float) -> tuple[list[str], float, str]:
-    """Pick the gene identifiers of `var` that best match the vocabulary.
-
-    Tries var_names and the usual Ensembl-id columns, then symbols mapped through Geneformer's
-    symbol table. Returns (ids, share of var genes in the vocabulary, which column was used) and
-    refuses below `min_share`, where rank-value tokens would describe a different cell.
-    """
-    candidates = {"var_names": [str(v) for v in var.index]}
-    for col in GENE_ID_COLUMNS:
-        if col in var.columns:
-            candidates[f"var['{col}']"] = [str(v) for v in var[col]]
-    if SYMBOL_MAP.is_file():
-        symbols = json.loads(SYMBOL_MAP.read_text())
-        for name in ("var_names", *(c for c in ("feature_name", "gene_symbols", "gene_name") if c in var.columns)):
-            values = candidates["var_names"] if name == "var_names" else [str(v) for v in var[name]]
-            candidates[f"{name} as symbols"] = [symbols.get(v, v) for v in values]
-    # Versioned Ensembl ids (ENSG... .12) match the vocabulary once the version is dropped.
-    candidates = {k: [v.split(".")[0] if v.startswith("ENS") else v for v in ids] for k, ids in candidates.items()}
-    shares = {k: float(np.mean([g in token_dictionary for g in ids])) if ids else 0.0 for k, ids in candidates.items()}
-    best = max(shares, key=shares.get)
-    if shares[best] < min_share:
-        raise LangCellError(f"{source}: only {shares[best]:.1%} of the genes ({best}) are in the model's "
-                            f"vocabulary (need {min_share:.0%}); give Ensembl ids in var_names or "
-                            f"var['feature_id'], or lower min_gene_overlap")
-    return candidates[best], shares[best], best
-
-
-def check_counts(x_sample, source: str, layer: str) -> None:
-    """Refuse non-integer or negative values: rank-value tokens need raw counts."""
-    import scipy.sparse as sp
-
-    values = x_sample.data if sp.issparse(x_sample) else np.asarray(x_sample).ravel()
-    if values.size == 0:
-        return
-    if (values < 0).any() or not np.allclose(values, np.round(values)):
-        raise LangCellError(f"{source}: {layer} holds non-integer or negative values (looks log-normalised "
-                            "or scaled); put raw counts in X or layers['counts']")
-
-
-def counts_layer(adata) -> tuple[object, str]:
-    if "counts" in adata.layers:
-        return adata.layers["counts"], "layers['counts']"
-    return adata.X, "X"
 
 
 def log_normalise(counts, n_counts=None):
@@ -120,23 +75,17 @@ def make_tokenizer(vocab, max_length: int = 2048):
     return RankValueTokenizer(vocab.token_dictionary, vocab.gene_medians, max_length=max_length)
 
 
-def tokenize_counts(tokenizer, counts, gene_ids, n_counts=None) -> list:
+def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> EvalData:
     import scipy.sparse as sp
 
-    return tokenizer.tokenize_csr(sp.csr_matrix(counts), gene_ids, n_counts)
+    from build_sclibrary.user_anndata import open_user_anndata
 
-
-def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> EvalData:
-    import anndata
-
-    adata = anndata.read_h5ad(path)
-    counts, layer = counts_layer(adata)
-    check_counts(counts[: min(adata.n_obs, 1000)], str(path), layer)
-    gene_ids, _, _ = resolve_gene_ids(adata.var, vocab.token_dictionary, str(path), min_gene_overlap)
-    n_counts = adata.obs["n_counts"].to_numpy() if "n_counts" in adata.obs else None
-    ids = tokenize_counts(make_tokenizer(vocab, max_length), counts, gene_ids, n_counts)
-    return EvalData(list(ids), adata.obs.reset_index(drop=True).copy(), log_normalise(counts),
-                    "log1p_cp10k", str(path))
+    with open_user_anndata(path, vocab.token_dictionary, min_gene_match=min_gene_overlap) as user:
+        counts = sp.vstack([user.rows(start, min(user.n_obs, start + CHUNK_ROWS))
+                            for start in range(0, user.n_obs, CHUNK_ROWS)], format="csr")
+        ids = make_tokenizer(vocab, max_length).tokenize_csr(counts, user.genes.gene_ids, user.n_counts)
+        return EvalData(list(ids), user.obs.reset_index(drop=True).copy(), log_normalise(counts),
+                        "log1p_cp10k", str(path))
 
 
 def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0) -> EvalData:
@@ -167,7 +116,11 @@ def load_eval_data(path, vocab, label_key: str | None = "cell_type", batch_key: 
     path = Path(path)
     if not path.exists():
         raise LangCellError(f"{path}: data not found; pass LIB/hf/<split> or an .h5ad file")
-    data = load_h5ad(path, vocab, min_gene_overlap, max_length) if path.suffix == ".h5ad" else load_hf(path, vocab, max_cells, seed)
+    # A datasets split is a folder; any file (or an .h5ad path, whatever it is) is a user's AnnData.
+    if path.is_file() or path.suffix == ".h5ad":
+        data = load_h5ad(path, vocab, min_gene_overlap, max_length)
+    else:
+        data = load_hf(path, vocab, max_cells, seed)
     for key, what in ((label_key, "--label-key"), (batch_key, "--batch-key")):
         if key is not None and key not in data.obs.columns:
             raise LangCellError(f"{path}: column '{key}' missing; pass {what} with one of "

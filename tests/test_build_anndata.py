@@ -67,12 +67,12 @@ def test_ensembl_ids_with_versions_and_without_n_counts(tmp_path):
 
 def test_every_vocabulary_id_form_is_matched():
     """Versioned ids, mouse-style prefixes and Geneformer's ENSGR ids (PAR genes on Y) all match."""
-    from build_sclibrary.anndata_io import match_genes
+    from build_sclibrary.user_anndata import match_genes
 
     tokens, medians = geneformer_v1_vocab()
     par = sorted(g for g in medians if g.startswith("ENSGR"))
     plain = sorted(g for g in medians if g.startswith("ENSG0"))[:20]
     names = par + [f"{g}.7" for g in plain] + ["ENSMUSG00000000001", "not-a-gene"]
-    match = match_genes(names, RankValueTokenizer(tokens, medians), "x.h5ad")
+    match = match_genes(pd.DataFrame(index=names), medians, "x.h5ad")
     assert len(par) > 0 and match.kind == "ensembl"
     assert match.gene_ids[:len(par) + 20] == par + plain and match.n_matched == len(par) + 20

@@ -93,7 +93,7 @@ def test_anndata_log_normalised_and_unmatched_genes(tmp_path):
         tokenize_anndata(logged, tok)
     alien = anndata.AnnData(X=counts)
     alien.var_names = [f"gene{i}" for i in range(40)]
-    with pytest.raises(LangCellError, match=r"only 0 of 40 genes \(0.0%, matched by symbol"):
+    with pytest.raises(LangCellError, match=r"only 0 of 40 genes \(0.0%, best match var_names as symbol"):
         tokenize_anndata(alien, tok)
     path = tmp_path / "logged.h5ad"
     logged.write_h5ad(path)

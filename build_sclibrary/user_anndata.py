@@ -142,7 +142,7 @@ class UserAnnData:
         if getattr(matrix, "format", None) == "csc" and hasattr(matrix, "group"):
             # Rows of a stored CSC matrix cut across every column: anndata reads it whole per
             # slice, so read it once.
-            log.warning("%s: %s is stored as CSC, read whole into memory; store CSR to read it in chunks",
+            log.info("%s: %s is stored as CSC, read whole into memory; store CSR to read it in chunks",
                         source, self.counts_from)
             matrix = sp.csr_matrix(matrix.to_memory())
         self._matrix = matrix

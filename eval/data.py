@@ -109,13 +109,18 @@ def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0) -> E
     return EvalData(ids, obs, expr, "rank_pseudo", str(path))
 
 
+def check_data_path(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise LangCellError(f"{path}: data not found; pass LIB/hf/<split> or an .h5ad file")
+    return path
+
+
 def load_eval_data(path, vocab, label_key: str | None = "cell_type", batch_key: str | None = None,
                    min_gene_overlap: float = 0.25, max_cells: int | None = None, seed: int = 0,
                    max_length: int = 2048) -> EvalData:
     """Load DATA (HF split folder or .h5ad), check the label/batch columns, optionally subsample."""
-    path = Path(path)
-    if not path.exists():
-        raise LangCellError(f"{path}: data not found; pass LIB/hf/<split> or an .h5ad file")
+    path = check_data_path(path)
     # A datasets split is a folder; any file (or an .h5ad path, whatever it is) is a user's AnnData.
     if path.is_file() or path.suffix == ".h5ad":
         data = load_h5ad(path, vocab, min_gene_overlap, max_length)

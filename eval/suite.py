@@ -25,8 +25,9 @@ def run_tasks(cfg: EvalConfig, tasks: list[str]) -> dict:
     if not cfg.out:
         raise LangCellError("eval config: 'out' is required; pass --out REPORT")
     out = Path(cfg.out)
+    # Model and data are checked before the report folder exists: bad input leaves nothing behind.
+    ctx = T.build_context(cfg)
     with output_lock(out):
-        ctx = T.build_context(cfg)
         scores = T.zero_shot_scores(ctx) if any(t in _SHARE_SCORES for t in tasks) else None
         all_metrics, bodies = {}, []
         for task in tasks:

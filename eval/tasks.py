@@ -16,7 +16,7 @@ import numpy as np
 from langcell.errors import LangCellError
 from eval import metrics as M
 from eval import report as R
-from eval.data import EvalData, few_shot_split, load_eval_data, stratified_split
+from eval.data import EvalData, check_data_path, few_shot_split, load_eval_data, stratified_split
 from eval.model_io import Vocab, cell_max_length, load_model
 from eval.ontology import CellOntology, describe
 from eval.scoring import TopKScorer, fused_from_arrays, score_cells, tune_alpha
@@ -65,6 +65,8 @@ def class_descriptions(classes, type2text: dict, ontology: CellOntology) -> tupl
 def build_context(cfg: EvalConfig) -> Context:
     if not cfg.model or not cfg.data:
         raise LangCellError("eval config: 'model' and 'data' are required; pass --model and --data")
+    # The data's own checks need the model's vocabulary; a wrong path need not wait for the model.
+    check_data_path(cfg.data)
     model, vocab = load_model(cfg.model, cfg.device)
     data = load_eval_data(cfg.data, vocab, cfg.label_key, cfg.batch_key, cfg.min_gene_overlap,
                           cfg.max_cells, cfg.seed, cell_max_length(model))
@@ -83,6 +85,10 @@ def build_context(cfg: EvalConfig) -> Context:
         novel = set((manifest.get("config") or {}).get("holdout_cell_types") or [])
     # Novel types may be named by CL id; compare on labels.
     novel = {ontology.labels.get(t, t) for t in novel}
+    unknown = sorted(novel - set(classes)) if cfg.zero_shot.novel_types is not None else []
+    if unknown:
+        raise LangCellError(f"zero_shot.novel_types: '{unknown[0]}' is not a cell type in {cfg.data}'s "
+                            f"'{cfg.label_key}'; name types of the data, e.g. {classes[0]!r}")
     index = {c: i for i, c in enumerate(classes)}
     batches = data.obs[cfg.batch_key].astype(str).to_numpy() if cfg.batch_key else None
     return Context(cfg, model, vocab, data, classes, np.array([index[v] for v in labels]), texts, sources,

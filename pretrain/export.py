@@ -17,6 +17,7 @@ Geneformer v1 vocabulary with `<cls>` appended.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -129,6 +130,21 @@ def _load_token_dictionary(path: Path, vocab_size: int) -> dict:
     return token_dictionary
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws a bar per local load; on stderr it would precede (and break up) the one
+    line a command prints when the user's data is then refused."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_langcell(path: str | os.PathLike, device: str | torch.device = "cpu") -> LangCellModel:
     """Our exports and LangCell's published checkpoint, as a LangCellModel in eval mode."""
     from transformers import BertModel
@@ -142,9 +158,10 @@ def load_langcell(path: str | os.PathLike, device: str | torch.device = "cpu") -
         if config.get("format") != EXPORT_FORMAT:
             raise LangCellError(f"{path}/langcell_config.json: format {config.get('format')!r}, expected "
                                 f"{EXPORT_FORMAT!r}; re-export with this version")
-    cell_bert = BertModel.from_pretrained(str(path / "cell_bert"), attn_implementation="sdpa",
-                                          add_pooling_layer=False)
-    text_bert = TextBert.from_pretrained(path / "text_bert")
+    with _no_progress_bars():
+        cell_bert = BertModel.from_pretrained(str(path / "cell_bert"), attn_implementation="sdpa",
+                                              add_pooling_layer=False)
+        text_bert = TextBert.from_pretrained(path / "text_bert")
     if text_bert.config.encoder_width != cell_bert.config.hidden_size:
         raise LangCellError(f"{path}/text_bert/config.json: encoder_width {text_bert.config.encoder_width} != "
                             f"cell hidden size {cell_bert.config.hidden_size}; the two encoders do not belong together")

@@ -6,7 +6,7 @@ import datetime
 from pathlib import Path
 
 from langcell.errors import LangCellError
-from langcell.files import output_lock
+from langcell.files import display_path, output_lock
 from eval import report as R
 from eval import tasks as T
 from eval.settings import TASKS, EvalConfig, load_eval_config
@@ -35,11 +35,12 @@ def run_tasks(cfg: EvalConfig, tasks: list[str]) -> dict:
             metrics, body = runner(ctx, out, scores) if task in _SHARE_SCORES else runner(ctx, out)
             all_metrics[task] = metrics
             bodies.append(body)
-        header = {"model": str(cfg.model), "data": str(cfg.data), "n_cells": len(ctx.data),
+        model, data = display_path(cfg.model), display_path(cfg.data)
+        header = {"model": model, "data": data, "n_cells": len(ctx.data),
                   "label_key": cfg.label_key, "batch_key": cfg.batch_key, "classes": ctx.classes,
                   "expression": ctx.data.expression_kind,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        intro = (f"Model `{cfg.model}`, data `{cfg.data}` ({len(ctx.data)} cells, {len(ctx.classes)} types in "
+        intro = (f"Model `{model}`, data `{data}` ({len(ctx.data)} cells, {len(ctx.classes)} types in "
                  f"`{cfg.label_key}`), run {header['date']}.")
         R.write_report(out, "LangCell evaluation", {"run": header, **all_metrics}, intro + "\n\n" + "\n\n".join(bodies))
     return all_metrics

@@ -245,7 +245,7 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
     lines = [
         "# LangCell demo report",
         "",
-        f"Config `{config}`, pre-training seed {cfg.seed}; this invocation took {seconds / 60:.1f} min. "
+        f"Config `{display_path(config)}`, pre-training seed {cfg.seed}; this invocation took {seconds / 60:.1f} min. "
         "Every number below is read from the files the pipeline wrote; none is typed by hand.",
         "",
         "## Cells per split and dataset: which are real, which are synthetic",

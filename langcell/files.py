@@ -119,3 +119,15 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as a report shows it: relative to the working directory when it lies below it (where
+    the user ran the command), else as given."""
+    given = Path(path)
+    if given.is_absolute():
+        try:
+            return str(given.relative_to(Path.cwd()))
+        except ValueError:
+            pass
+    return str(path)

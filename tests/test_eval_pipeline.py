@@ -46,7 +46,9 @@ def test_tiny_model_beats_chance_on_held_out_cells(world):
     np.testing.assert_allclose(full["fused"], loop["fused"], atol=1e-5)
 
 
-def test_suite_writes_every_task(world, tmp_path):
+def test_suite_writes_every_task(world, tmp_path, monkeypatch):
+    # Run from the folder holding model and data: the report names them as the user would.
+    monkeypatch.chdir(world["root"])
     out = tmp_path / "report"
     metrics = run_suite("smoke", model=world["export"], data=world["test"], out=out,
                         few_shot={"shots": [2], "seeds": [0, 1], "epochs": 1, "lr": 1e-4, "batch_size": 12},
@@ -66,6 +68,8 @@ def test_suite_writes_every_task(world, tmp_path):
     assert set(fs) == {"langcell", "logreg", "knn"} and len(fs["langcell"]["runs"]) == 2
     assert metrics["finetune"]["results"]["logreg"]["accuracy_mean"] > 0.9
     report = (out / "report.md").read_text()
+    assert report.startswith("# LangCell evaluation") and "Model `export`, data `test.h5ad` (150 cells" in report
+    assert saved["run"]["model"] == "export" and saved["run"]["data"] == "test.h5ad"
     for section in ("## Zero-shot", "## Few-shot", "## Fine-tuning", "## Cell-text retrieval", "## Batch integration"):
         assert section in report
     short = headline(metrics)

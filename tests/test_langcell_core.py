@@ -8,7 +8,7 @@ import pytest
 
 from langcell.config import from_dict, load_config
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.files import atomic_path, atomic_write_json, display_path, output_lock, read_json, sha256_file
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -43,6 +43,13 @@ def _hold_lock(folder, ready, release):
     with output_lock(folder):
         ready.set()
         release.wait(10)
+
+
+def test_display_path_is_relative_to_where_the_command_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert display_path(tmp_path / "run" / "export") == "run/export"
+    assert display_path("../elsewhere/x.yaml") == "../elsewhere/x.yaml"
+    assert display_path("/somewhere/else.yaml") == "/somewhere/else.yaml"
 
 
 def test_output_lock_excludes_a_second_run(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from langcell.config import from_dict, load_yaml
 from langcell.errors import LangCellError
-from langcell.files import atomic_write_bytes, atomic_write_json, output_lock
+from langcell.files import atomic_write_bytes, atomic_write_json, display_path, output_lock
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"

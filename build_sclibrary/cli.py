@@ -43,7 +43,8 @@ def add_commands(subparsers) -> None:
     tokenize.add_argument("--vocab", default=None,
                           help="vocab folder with token_dictionary.json and gene_median_dictionary.json "
                                "(default: Geneformer v1, as LangCell's published checkpoint)")
-    tokenize.add_argument("--layer", default=None, help="layer holding the raw counts (default layers['counts'] when present, else X)")
+    tokenize.add_argument("--layer", default=None,
+                          help="layer holding the raw counts (default layers['counts'] when present, else X)")
     tokenize.add_argument("--gene-column", default=None, help="var column with gene ids (default var_names)")
     tokenize.add_argument("--max-length", type=int, default=2048)
     tokenize.add_argument("--chunk-size", type=int, default=2048, help="cells read at a time")

@@ -109,7 +109,7 @@ def check_counts(X: sp.csr_matrix, source: str, where: str, first_row: int = 0) 
         if bad.any():
             at = int(np.flatnonzero(bad)[0])
             row = first_row + int(np.searchsorted(X.indptr, at, side="right")) - 1
-            raise LangCellError(f"{source}: {where} has {what} (e.g. {data[at]:g} in cell {row}), so it does not "
+            raise LangCellError(f"{source}: {where} has {what} (e.g. {data[at]:g} in row {row}), so it does not "
                                 "hold raw counts (log-normalised or scaled?); put the raw counts in X or "
                                 "layers['counts']")
 

@@ -60,7 +60,8 @@ def test_a_bad_value_after_the_sampled_rows_fails_its_chunk_naming_the_cell(tmp_
     adata.write_h5ad(tmp_path / "late.h5ad")
     with open_user_anndata(tmp_path / "late.h5ad", VOCAB) as user:
         user.rows(0, SAMPLE_ROWS)
-        with pytest.raises(LangCellError, match=rf"late.h5ad: X has non-integer values \(e.g. 0.5 in cell {SAMPLE_ROWS + 7}\)"):
+        expected = rf"late.h5ad: X has non-integer values \(e.g. 0.5 in row {SAMPLE_ROWS + 7}\)"
+        with pytest.raises(LangCellError, match=expected):
             user.rows(SAMPLE_ROWS, SAMPLE_ROWS + 50)
 
 

@@ -4,8 +4,9 @@ Built for files larger than memory:
 - counts are read in row chunks straight from the HDF5 file (X or layers['counts'], sparse or
   dense), never the whole matrix;
 - the output is a byte copy of the input into which only `obs` (rewritten with the three new
-  columns appended) and `obsm['X_langcell']` (filled chunk by chunk) are written, through h5py
-  and anndata's element writer, so X, layers, var, uns and every other field stay byte-identical;
+  columns appended), `obsm['X_langcell']` (filled chunk by chunk) and `uns['langcell']` (how the
+  cells were scored) are written, through h5py and anndata's element writer, so X, layers, var,
+  the rest of uns and every other field stay byte-identical;
 - the copy is renamed onto the output path only when complete.
 What does stay in memory: obs and var (one row per cell/gene, small next to X) and the
 predictions (a few strings and floats per cell). The copy needs the input's size in free disk.
@@ -24,10 +25,13 @@ from langcell.errors import LangCellError
 from eval.data import check_counts, resolve_gene_ids
 from eval.model_io import cell_max_length, load_model
 from eval.ontology import CellOntology
+from eval.prompts import class_text, model_prompt
 from eval.scoring import TopKScorer, pad_cells
+from eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
 
 OBS_COLUMNS = ("langcell_prediction", "langcell_score", "langcell_top3")
 OBSM_KEY = "X_langcell"
+UNS_KEY = "langcell"
 
 
 @dataclass
@@ -37,10 +41,13 @@ class Candidates:
     sources: list[str]   # "ontology" or "free text"
 
 
-def candidate_types(cell_types: list[str] | None, ontology_root: str | None, ontology: CellOntology) -> Candidates:
+def candidate_types(cell_types: list[str] | None, ontology_root: str | None, ontology: CellOntology,
+                    prompt: dict) -> Candidates:
+    """Candidates and their texts in the model's class prompt: CL terms with their definition,
+    free text as a name without one."""
     if ontology_root:
         terms = ontology.descendants(ontology_root)
-        return Candidates([ontology.labels[t] for t in terms], [ontology.description(t) for t in terms],
+        return Candidates([ontology.labels[t] for t in terms], [ontology.description(t, prompt) for t in terms],
                           ["ontology"] * len(terms))
     names = [str(c).strip() for c in (cell_types or []) if str(c).strip()]
     if not names:
@@ -51,7 +58,7 @@ def candidate_types(cell_types: list[str] | None, ontology_root: str | None, ont
     texts, sources = [], []
     for name in names:
         term = ontology.term_for(name)
-        texts.append(ontology.description(term) if term else name)
+        texts.append(ontology.description(term, prompt) if term else class_text(prompt, name, ""))
         sources.append("ontology" if term else "free text")
     return Candidates(names, texts, sources)
 
@@ -85,9 +92,13 @@ class _CountRows:
 def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | os.PathLike,
              cell_types: list[str] | None = None, ontology_root: str | None = None, *,
              ontology_terms: str | None = None, chunk_size: int = 4096, batch_size: int = 32,
-             top_k: int | None = 3, alpha: float = 0.1, min_gene_overlap: float = 0.25,
-             device: str = "cpu") -> dict:
-    """Annotate `input` into `output`; returns a summary (cells, candidates, prediction counts)."""
+             top_k: int | None = None, alpha: float = 0.1, min_gene_overlap: float = 0.25,
+             device: str = "cpu", text_tokenizer: str | None = None) -> dict:
+    """Annotate `input` into `output`; returns a summary (cells, candidates, prediction counts,
+    scoring). `top_k=None` is LangCell's exact formula, or top-AUTO_TOP_K above AUTO_TOP_K_ABOVE
+    candidates, said on stderr and in `uns['langcell']`."""
+    import sys
+
     import h5py
     from anndata.io import read_elem, write_elem
     from tqdm import tqdm
@@ -98,9 +109,18 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
     if not input.is_file():
         raise LangCellError(f"{input}: input file not found; pass an existing .h5ad")
     ontology = CellOntology.load(ontology_terms)
-    cands = candidate_types(cell_types, ontology_root, ontology)
-    net, vocab = load_model(model, device)
+    net, vocab = load_model(model, device, text_tokenizer)
+    cands = candidate_types(cell_types, ontology_root, ontology, model_prompt(net))
     tokenizer = make_tokenizer(vocab, cell_max_length(net))
+    n_cands = len(cands.names)
+    if top_k is None and n_cands > AUTO_TOP_K_ABOVE:
+        top_k = AUTO_TOP_K
+        print(f"langcell annotate: {n_cands} candidates (> {AUTO_TOP_K_ABOVE}): matching head on each cell's "
+              f"{top_k} most similar only, not LangCell's exact formula; pass --top-k {n_cands} for exact",
+              file=sys.stderr)
+    exact = top_k is None or top_k >= n_cands
+    scoring = {"scoring": "exact" if exact else "top-k", "top_k": None if exact else int(top_k),
+               "n_candidates": n_cands, "alpha": float(alpha), "class_prompt": model_prompt(net)["template"]}
     scorer = TopKScorer(net, cands.texts, alpha=alpha, top_k=top_k)
     with h5py.File(input, "r") as src:
         var = read_elem(src["var"])
@@ -154,10 +174,16 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
             obs["langcell_top3"] = obs["langcell_top3"].astype(str)
             del dst["obs"]
             write_elem(dst, "obs", obs)
+            if "uns" not in dst:
+                write_elem(dst, "uns", {})
+            if UNS_KEY in dst["uns"]:
+                del dst["uns"][UNS_KEY]
+            write_elem(dst["uns"], UNS_KEY, scoring)
         os.replace(tmp, output)
     finally:
         if tmp.exists():
             tmp.unlink()
     counts = {str(k): int(v) for k, v in zip(*np.unique(pred.astype(str), return_counts=True))} if n else {}
     return {"n_cells": int(n), "n_candidates": len(cands.names), "gene_overlap": share, "gene_ids_from": used,
-            "counts_from": rows.name, "candidates": dict(zip(cands.names, cands.sources)), "predictions": counts}
+            "counts_from": rows.name, "candidates": dict(zip(cands.names, cands.sources)), "predictions": counts,
+            **scoring}

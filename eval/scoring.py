@@ -1,16 +1,16 @@
-"""Zero-shot scoring: similarity + cell-text matching, fused as in LangCell, batched over top-k.
+"""Zero-shot scoring: similarity + cell-text matching, fused as in LangCell, optionally over top-k.
 
 LangCell scores a cell against C class descriptions as
     alpha * softmax_c(cell . text_c / 0.05) + (1 - alpha) * softmax_c(p_match(cell, text_c))
 where p_match is softmax(ctm_head(...))[1] of the text encoder run in multimodal mode over the
-cell's hidden states. Its notebook runs the matching head once per class over the cell batch:
-C passes of B pairs. That cost grows with C while most classes are ruled out by similarity
-alone, so `TopKScorer` runs the matching head only for each cell's k most similar classes and
-packs every (cell, class) pair of a batch into as few passes as memory allows.
+cell's hidden states. By default `TopKScorer` computes exactly that, every (cell, class) pair
+of a batch packed into as few matching passes as memory allows. Its notebook instead runs the
+matching head once per class over the cell batch (`method="loop"`, same numbers).
 
-Classes outside a cell's top-k get match probability 0 (treated as "does not match") and still
-enter the softmax over classes, so the fused score of the top-k classes keeps the full
-denominator's size and, with k = C, equals the full fusion exactly.
+Asked for top-k, it runs the matching head only for each cell's k most similar classes: classes
+outside them get match probability 0 (treated as "does not match") and still enter the softmax
+over classes. That changes LangCell's formula (a predicted class can differ from the exact one;
+BENCHMARKS.md measures how often); with k >= C it is the exact formula.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class TopKScorer:
     per-class loop, kept for the benchmark and as a reference.
     """
 
-    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = 3,
+    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = None,
                  pair_batch: int = 256, method: str = "topk"):
         if method not in ("topk", "loop"):
             raise LangCellError(f"zero-shot config: method '{method}' unknown; use topk or loop")

@@ -24,7 +24,7 @@ def add_commands(subparsers) -> None:
     ev.add_argument("--text-tokenizer", default=None,
                     help="text tokenizer folder or HF id (default: MODEL/tokenizer/, or PubMedBERT's "
                          "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext with [DEC]/[ENC] "
-                         "for LangCell's release, which ships none)"))
+                         "for LangCell's release, which ships none)")
     ev.set_defaults(handler=_eval)
 
     an = subparsers.add_parser("annotate", help="zero-shot cell types for an .h5ad, written into a copy of it")
@@ -33,7 +33,7 @@ def add_commands(subparsers) -> None:
     an.add_argument("--output", required=True, help="annotated .h5ad (obs langcell_*, obsm['X_langcell'])")
     group = an.add_mutually_exclusive_group(required=True)
     group.add_argument("--cell-types", nargs="+", help="candidate types: CL labels get their CL description, "
-                                                       "other text is used as written")
+                                                       "other text is the name in the model's class prompt")
     group.add_argument("--ontology-root", help="every CL descendant of this term is a candidate, e.g. CL:0000542")
     an.add_argument("--ontology-terms", default=None, help="INGEST/ontology/terms.parquet (default: "
                                                            "cellxgene-ontology-guide's CL)")
@@ -44,7 +44,7 @@ def add_commands(subparsers) -> None:
     an.add_argument("--text-tokenizer", default=None,
                     help="text tokenizer folder or HF id (default: MODEL/tokenizer/, or PubMedBERT's "
                          "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext with [DEC]/[ENC] "
-                         "for LangCell's release, which ships none)"))
+                         "for LangCell's release, which ships none)")
     an.add_argument("--alpha", type=float, default=0.1)
     an.add_argument("--chunk-size", type=int, default=4096, help="cells read from disk at a time")
     an.add_argument("--batch-size", type=int, default=32)

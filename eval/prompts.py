@@ -17,9 +17,9 @@ def model_prompt(model) -> dict:
 
 def class_text(prompt: dict, label: str, definition: str) -> str:
     if prompt.get("definition_as_sentence"):
-        from build_sclibrary.texts import _sentence
+        from build_sclibrary.texts import as_sentence
 
-        definition = _sentence(definition) if definition else ""
+        definition = as_sentence(definition) if definition else ""
     if definition:
         text = prompt["template"].format(label=label, definition=definition)
     else:

@@ -45,7 +45,6 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
     import scipy.sparse as sp
 
     from eval.ontology import CellOntology
-    from pretrain.export import LANGCELL_CLASS_PROMPT
 
     ontology = ontology or CellOntology.load()
     rng = np.random.default_rng(seed)
@@ -71,7 +70,6 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
 def many_types(n: int, seed: int = 0, ontology=None) -> tuple[str, ...]:
     """n CL cell types that have a definition, drawn with a fixed seed (for scaling benchmarks)."""
     from eval.ontology import CellOntology
-    from pretrain.export import LANGCELL_CLASS_PROMPT
 
     ontology = ontology or CellOntology.load()
     pool = sorted(t for t, d in ontology.definitions.items() if d)

@@ -121,3 +121,23 @@ def test_missing_text_tokenizer_is_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(LangCellError, match="BiomedNLP-PubMedBERT.*is not available"):
         load_model(FIXTURE / "checkpoint")
+
+
+def test_eval_zero_shot_cli_on_langcell_tokenized_cells(tmp_path):
+    """`langcell eval zero-shot` on LangCell's release and a `datasets` folder tokenized as
+    LangCell tokenizes (no <cls>), each cell labelled with LangCell's own prediction: accuracy 1
+    exactly when every prediction matches LangCell's."""
+    import datasets
+
+    from langcell.cli import main as cli_main
+
+    names = [t[len("cell type: "):].split(". ")[0] for t in REF["texts"]]
+    lib = tmp_path / "lib"
+    datasets.Dataset.from_dict({"input_ids": REF["cells"], "cell_type": [names[p] for p in REF["predictions"]],
+                                "dataset_id": ["d"] * len(REF["cells"])}).save_to_disk(str(lib / "hf" / "test"))
+    (lib / "type2text.json").write_text(json.dumps(dict(zip(names, REF["texts"]))))
+    rc = cli_main(["eval", "zero-shot", "--model", str(FIXTURE / "checkpoint"), "--text-tokenizer", TOKENIZER,
+                   "--data", str(lib / "hf" / "test"), "--out", str(tmp_path / "report"), "--config", "smoke"])
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["zero-shot"]
+    assert rc == 0 and metrics["top_k"] is None and metrics["accuracy"] == 1.0
+    assert set(metrics["text_sources"].values()) == {"type2text"}

@@ -43,7 +43,7 @@ def load_terms(ingest_root: str | os.PathLike) -> dict[str, TermInfo]:
                                                         columns["synonyms"], columns["parents"])}
 
 
-def _sentence(text: str) -> str:
+def as_sentence(text: str) -> str:
     text = " ".join(str(text).split())
     return text if not text or text.endswith((".", "!", "?")) else text + "."
 
@@ -75,7 +75,7 @@ class TextBuilder:
             if term is not None:
                 labels.append(term.label)
                 if term.definition:
-                    definitions.append(_sentence(term.definition))
+                    definitions.append(as_sentence(term.definition))
         if not labels:
             if is_placeholder(label):
                 return None
@@ -99,7 +99,7 @@ class TextBuilder:
         if term is None:
             return None
         prefix = self.config.prefixes[aspect]
-        definition = _sentence(term.definition) if term.definition else ""
+        definition = as_sentence(term.definition) if term.definition else ""
         canonical = self._describe(aspect, term.label, term_id)
         synonyms = [self.config.synonym_template.format(prefix=prefix, synonym=s, definition=definition).strip()
                     for s in term.synonyms[:self.config.max_synonyms] if s and s != term.label]

@@ -2,6 +2,8 @@
 
 import argparse
 
+from eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
+
 TASK_NAMES = ("zero-shot", "few-shot", "finetune", "retrieval", "integration", "suite")
 
 
@@ -16,6 +18,13 @@ def add_commands(subparsers) -> None:
     ev.add_argument("--batch-key", default=None, help="obs column with the batch (default dataset_id)")
     ev.add_argument("--config", default=None, help="YAML in configs/eval/ (name or path; default: default)")
     ev.add_argument("--max-cells", type=int, default=None, help="evaluate a random subset of this many cells")
+    ev.add_argument("--top-k", type=int, default=None,
+                    help="zero-shot: matching head only for each cell's K most similar types (faster, may "
+                         "change predictions); default: LangCell's exact formula over every type")
+    ev.add_argument("--text-tokenizer", default=None,
+                    help="text tokenizer folder or HF id (default: MODEL/tokenizer/, or PubMedBERT's "
+                         "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext with [DEC]/[ENC] "
+                         "for LangCell's release, which ships none)")
     ev.set_defaults(handler=_eval)
 
     an = subparsers.add_parser("annotate", help="zero-shot cell types for an .h5ad, written into a copy of it")
@@ -24,11 +33,18 @@ def add_commands(subparsers) -> None:
     an.add_argument("--output", required=True, help="annotated .h5ad (obs langcell_*, obsm['X_langcell'])")
     group = an.add_mutually_exclusive_group(required=True)
     group.add_argument("--cell-types", nargs="+", help="candidate types: CL labels get their CL description, "
-                                                       "other text is used as written")
+                                                       "other text is the name in the model's class prompt")
     group.add_argument("--ontology-root", help="every CL descendant of this term is a candidate, e.g. CL:0000542")
     an.add_argument("--ontology-terms", default=None, help="INGEST/ontology/terms.parquet (default: "
                                                            "cellxgene-ontology-guide's CL)")
-    an.add_argument("--top-k", type=int, default=3, help="matching head for the k most similar types")
+    an.add_argument("--top-k", type=int, default=None,
+                    help="matching head only for each cell's K most similar types; default: every type "
+                         "(LangCell's exact formula) up to %d candidates, top-%d above (said on the terminal "
+                         "and in uns['langcell'])" % (AUTO_TOP_K_ABOVE, AUTO_TOP_K))
+    an.add_argument("--text-tokenizer", default=None,
+                    help="text tokenizer folder or HF id (default: MODEL/tokenizer/, or PubMedBERT's "
+                         "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext with [DEC]/[ENC] "
+                         "for LangCell's release, which ships none)")
     an.add_argument("--alpha", type=float, default=0.1)
     an.add_argument("--chunk-size", type=int, default=4096, help="cells read from disk at a time")
     an.add_argument("--batch-size", type=int, default=32)
@@ -41,16 +57,17 @@ def add_commands(subparsers) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from eval.suite import headline, run_suite, run_tasks
+    from eval.suite import headline, run_tasks
     from eval.settings import load_eval_config
 
     overrides = {k: v for k, v in (("model", args.model), ("data", args.data), ("out", args.out),
                                    ("label_key", args.label_key), ("batch_key", args.batch_key),
-                                   ("max_cells", args.max_cells)) if v is not None}
-    if args.task == "suite":
-        metrics = run_suite(args.config, **overrides)
-    else:
-        metrics = run_tasks(load_eval_config(args.config, overrides), [args.task])
+                                   ("max_cells", args.max_cells), ("text_tokenizer", args.text_tokenizer))
+                 if v is not None}
+    cfg = load_eval_config(args.config, overrides)
+    if args.top_k is not None:
+        cfg.zero_shot.top_k = args.top_k
+    metrics = run_tasks(cfg, list(cfg.tasks) if args.task == "suite" else [args.task])
     print(json.dumps(headline(metrics), indent=1))
     return 0
 
@@ -62,6 +79,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
     summary = annotate(args.model, args.input, args.output, args.cell_types, args.ontology_root,
                        ontology_terms=args.ontology_terms, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                       top_k=args.top_k, alpha=args.alpha, min_gene_overlap=args.min_gene_overlap, device=args.device)
+                       top_k=args.top_k, alpha=args.alpha, min_gene_overlap=args.min_gene_overlap, device=args.device,
+                       text_tokenizer=args.text_tokenizer)
     print(json.dumps(summary, indent=1))
     return 0

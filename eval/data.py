@@ -1,8 +1,9 @@
 """Evaluation data: token sequences, labels and an expression matrix for the baselines.
 
-DATA is either a build split (`LIB/hf/test`, a `datasets` folder) or an `.h5ad` of raw counts,
-opened and checked by `build_sclibrary.user_anndata` and tokenized with build's
-`RankValueTokenizer` and the model's own vocabulary.
+DATA is either a tokenized `datasets` folder (`LIB/hf/test`, or Geneformer/LangCell-tokenized
+cells without `<cls>`: see `prepare_cells`) or an `.h5ad` of raw counts, opened and checked by
+`build_sclibrary.user_anndata` and tokenized with build's `RankValueTokenizer` and the model's
+own vocabulary.
 
 The baselines (logistic regression, kNN, PCA) need an expression matrix:
 - from an `.h5ad`: log1p of counts scaled to 10,000 per cell over all genes (scanpy's usual
@@ -29,7 +30,7 @@ CHUNK_ROWS = 4096
 
 @dataclass
 class EvalData:
-    input_ids: list            # one int array per cell, <cls> first
+    input_ids: list            # one int array per cell, <cls> first, at most the model's positions
     obs: "object"              # pandas DataFrame, one row per cell
     expression: "object"       # scipy.sparse.csr_matrix [cells, genes] (see module doc)
     expression_kind: str       # "log1p_cp10k" or "rank_pseudo"
@@ -69,6 +70,27 @@ def rank_pseudo_expression(input_ids, vocab_size: int, special_ids=(0, 1)):
     return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=(len(genes), vocab_size))
 
 
+def prepare_cells(seqs, token_dictionary: dict, max_length: int, source: str) -> list:
+    """Token sequences as the cell encoder reads them, whoever tokenized them.
+
+    Geneformer and LangCell tokenize without `<cls>`; LangCell's collator prepends it and cuts
+    the cell to 2,048 tokens (`max_length`, the position table), and so does this. An id outside
+    the model's vocabulary means another vocabulary tokenized the file: a LangCellError.
+    """
+    cls_id, vocab_size = int(token_dictionary["<cls>"]), len(token_dictionary)
+    out = []
+    for i, seq in enumerate(seqs):
+        seq = np.asarray(seq, dtype=np.int64)
+        if len(seq) and (seq.max() >= vocab_size or seq.min() < 0):
+            bad = int(seq.max() if seq.max() >= vocab_size else seq.min())
+            raise LangCellError(f"{source}: cell {i} has token id {bad} outside the model's vocabulary of "
+                                f"{vocab_size}; tokenize the data with the model's gene vocabulary (MODEL/vocab/)")
+        if not len(seq) or seq[0] != cls_id:
+            seq = np.concatenate([[cls_id], seq])
+        out.append(seq[:max_length])
+    return out
+
+
 def make_tokenizer(vocab, max_length: int = 2048):
     from build_sclibrary.tokenizer import RankValueTokenizer
 
@@ -88,7 +110,7 @@ def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> Ev
                         "log1p_cp10k", str(path))
 
 
-def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0) -> EvalData:
+def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0, max_length: int = 2048) -> EvalData:
     import datasets
 
     if (path / "dataset_dict.json").is_file():
@@ -104,7 +126,7 @@ def load_hf(path: Path, vocab, max_cells: int | None = None, seed: int = 0) -> E
         # Subsample before anything is materialised: a test split can hold millions of cells.
         ds = ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), max_cells, replace=False)))
     obs = ds.remove_columns(["input_ids"]).to_pandas()
-    ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
+    ids = prepare_cells(ds["input_ids"], vocab.token_dictionary, max_length, str(path))
     expr = rank_pseudo_expression(ids, max(vocab.token_dictionary.values()) + 1)
     return EvalData(ids, obs, expr, "rank_pseudo", str(path))
 
@@ -125,7 +147,7 @@ def load_eval_data(path, vocab, label_key: str | None = "cell_type", batch_key: 
     if path.is_file() or path.suffix == ".h5ad":
         data = load_h5ad(path, vocab, min_gene_overlap, max_length)
     else:
-        data = load_hf(path, vocab, max_cells, seed)
+        data = load_hf(path, vocab, max_cells, seed, max_length)
     for key, what in ((label_key, "--label-key"), (batch_key, "--batch-key")):
         if key is not None and key not in data.obs.columns:
             raise LangCellError(f"{path}: column '{key}' missing; pass {what} with one of "

@@ -12,14 +12,6 @@ from pathlib import Path
 from langcell.errors import LangCellError
 
 
-def describe(label: str, definition: str) -> str:
-    """A class description in LangCell's format ("cell type: <name>. <definition>; ")."""
-    text = f"cell type: {label}. "
-    if definition:
-        text += f"{definition}; "
-    return text
-
-
 class CellOntology:
     def __init__(self, labels: dict[str, str], definitions: dict[str, str],
                  ancestors: dict[str, list[str]], synonyms: dict[str, list[str]]):
@@ -94,5 +86,8 @@ class CellOntology:
             raise LangCellError(f"--ontology-root: '{root}' is not a CL term id; pass one like CL:0000542")
         return sorted(t for t, anc in self._ancestors.items() if root in anc)
 
-    def description(self, term: str) -> str:
-        return describe(self.labels[term], self.definitions.get(term, ""))
+    def description(self, term: str, prompt: dict) -> str:
+        """The term's class text in `prompt` (eval.prompts)."""
+        from eval.prompts import class_text
+
+        return class_text(prompt, self.labels[term], self.definitions.get(term, ""))

@@ -1,16 +1,17 @@
-"""Zero-shot scoring: similarity + cell-text matching, fused as in LangCell, batched over top-k.
+"""Zero-shot scoring: similarity + cell-text matching, fused as in LangCell, optionally over top-k.
 
 LangCell scores a cell against C class descriptions as
     alpha * softmax_c(cell . text_c / 0.05) + (1 - alpha) * softmax_c(p_match(cell, text_c))
 where p_match is softmax(ctm_head(...))[1] of the text encoder run in multimodal mode over the
-cell's hidden states. Its notebook runs the matching head once per class over the cell batch:
-C passes of B pairs. That cost grows with C while most classes are ruled out by similarity
-alone, so `TopKScorer` runs the matching head only for each cell's k most similar classes and
-packs every (cell, class) pair of a batch into as few passes as memory allows.
+cell's hidden states. By default `TopKScorer` computes exactly that as LangCell's notebook does:
+the matching head once per class over the cell batch (C passes of B pairs), which on CPU beat
+packing all B*C pairs into passes (0.6-0.7x the loop's speed, BENCHMARKS.md).
 
-Classes outside a cell's top-k get match probability 0 (treated as "does not match") and still
-enter the softmax over classes, so the fused score of the top-k classes keeps the full
-denominator's size and, with k = C, equals the full fusion exactly.
+Asked for top-k, it runs the matching head only for each cell's k most similar classes (all B*k
+pairs of a batch packed into passes of `pair_batch`): classes
+outside them get match probability 0 (treated as "does not match") and still enter the softmax
+over classes. That changes LangCell's formula (a predicted class can differ from the exact one;
+BENCHMARKS.md measures how often); with k >= C it is the exact formula.
 """
 
 from __future__ import annotations
@@ -109,11 +110,11 @@ class BatchScores:
 class TopKScorer:
     """Scores cell batches against a fixed list of class descriptions.
 
-    `top_k=None` scores every class (the full fusion); `method="loop"` reproduces LangCell's
-    per-class loop, kept for the benchmark and as a reference.
+    `top_k=None` (or k >= the classes) scores every class with LangCell's per-class loop (the exact
+    fusion); a smaller k packs each cell's top-k pairs. `method="loop"` forces the loop.
     """
 
-    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = 3,
+    def __init__(self, model, class_texts: list[str], alpha: float = 0.1, top_k: int | None = None,
                  pair_batch: int = 256, method: str = "topk"):
         if method not in ("topk", "loop"):
             raise LangCellError(f"zero-shot config: method '{method}' unknown; use topk or loop")
@@ -139,7 +140,7 @@ class TopKScorer:
         embeds, hidden = self.model.encode_cells(input_ids, attention_mask)
         embeds = embeds.float()
         sim = embeds @ self.text_embeds.T
-        if self.method == "loop":
+        if self.method == "loop" or self.top_k >= self.text_ids.shape[0]:
             match = match_prob_per_class_loop(self.model, hidden, attention_mask, self.text_ids, self.text_mask)
         else:
             match = match_prob_topk(self.model, hidden, attention_mask, sim, self.text_ids, self.text_mask,

@@ -8,13 +8,19 @@ from pathlib import Path
 from langcell.config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
+# `langcell annotate` without --top-k scores every candidate exactly up to AUTO_TOP_K_ABOVE of
+# them; an ontology root can give thousands, where the matching head on all of them costs
+# minutes per thousand cells, so above that it takes each cell's AUTO_TOP_K most similar.
+AUTO_TOP_K_ABOVE = 200
+AUTO_TOP_K = 10
 
 
 @dataclass
 class ZeroShotConfig:
     alpha: float = 0.1
-    # Matching head only for each cell's top_k classes by similarity; null = every class.
-    top_k: int | None = 3
+    # null = LangCell's formula over every class (exact); k = matching head only for each cell's
+    # k most similar classes, 0 elsewhere (faster, may change predictions: BENCHMARKS.md).
+    top_k: int | None = None
     # Pick alpha on a stratified validation share of the cells and report on the rest.
     tune_alpha: bool = False
     val_fraction: float = 0.2
@@ -78,6 +84,9 @@ class EvalConfig:
     min_gene_overlap: float = 0.25
     seed: int = 0
     device: str = "cpu"
+    # Text tokenizer (folder or HF id) instead of MODEL/tokenizer/; LangCell's release ships none
+    # and defaults to PubMedBERT's.
+    text_tokenizer: str | None = None
     # "umap" (umap-learn) or "pca" (fast, for smoke runs) for the embedding plots.
     embedding_plot: str = "umap"
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)

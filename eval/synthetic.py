@@ -78,9 +78,10 @@ def many_types(n: int, seed: int = 0, ontology=None) -> tuple[str, ...]:
 
 def class_texts(labels: list[str], ontology=None) -> list[str]:
     from eval.ontology import CellOntology
+    from pretrain.export import LANGCELL_CLASS_PROMPT
 
     ontology = ontology or CellOntology.load()
-    return [ontology.description(ontology.term_for(lab)) for lab in labels]
+    return [ontology.description(ontology.term_for(lab), LANGCELL_CLASS_PROMPT) for lab in labels]
 
 
 def tiny_model(vocab_dir: str | Path, hidden: int = 32, pooling: str | None = None, seed: int = 0):
@@ -132,7 +133,7 @@ def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int 
                       match_negatives: int | None = None, pooling: str | None = None) -> Path:
     """Train a tiny LangCell model on `adata`'s cells with the few-shot loss and export it."""
     from eval.train import train_fewshot
-    from pretrain.export import save_langcell
+    from pretrain.export import LANGCELL_CLASS_PROMPT, save_langcell
 
     model = tiny_model(vocab_dir, hidden, pooling, seed)
     seqs = tokenize_adata(adata, vocab_dir)
@@ -141,4 +142,4 @@ def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int 
     epochs = max(1, int(np.ceil(steps * batch_size / len(seqs))))
     train_fewshot(model, seqs, labels, class_texts(types), epochs=epochs, lr=lr, batch_size=batch_size,
                   seed=seed, desc="tiny model", match_on_margin=True, match_negatives=match_negatives)
-    return save_langcell(model, out, vocab_dir=vocab_dir)
+    return save_langcell(model, out, vocab_dir=vocab_dir, class_prompt=LANGCELL_CLASS_PROMPT)

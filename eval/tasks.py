@@ -18,7 +18,8 @@ from eval import metrics as M
 from eval import report as R
 from eval.data import EvalData, check_data_path, few_shot_split, load_eval_data, stratified_split
 from eval.model_io import Vocab, cell_max_length, load_model
-from eval.ontology import CellOntology, describe
+from eval.ontology import CellOntology
+from eval.prompts import class_text, model_prompt
 from eval.scoring import TopKScorer, fused_from_arrays, score_cells, tune_alpha
 from eval.settings import EvalConfig
 
@@ -45,19 +46,19 @@ def library_dir(cfg: EvalConfig) -> Path | None:
     return guess if (guess / "type2text.json").is_file() else None
 
 
-def class_descriptions(classes, type2text: dict, ontology: CellOntology) -> tuple[list[str], dict]:
+def class_descriptions(classes, type2text: dict, ontology: CellOntology, prompt: dict) -> tuple[list[str], dict]:
     """type2text first (the texts the model was trained with), else the CL description of a label
-    that names a CL term, else LangCell's template around the label itself."""
+    that names a CL term, else the label itself, both in the model's class prompt."""
     texts, sources = [], {}
     for lab in classes:
         if lab in type2text:
             texts.append(type2text[lab])
             sources[lab] = "type2text"
         elif ontology.term_for(lab):
-            texts.append(ontology.description(ontology.term_for(lab)))
+            texts.append(ontology.description(ontology.term_for(lab), prompt))
             sources[lab] = "ontology"
         else:
-            texts.append(describe(lab, ""))
+            texts.append(class_text(prompt, lab, ""))
             sources[lab] = "label"
     return texts, sources
 
@@ -67,7 +68,7 @@ def build_context(cfg: EvalConfig) -> Context:
         raise LangCellError("eval config: 'model' and 'data' are required; pass --model and --data")
     # The data's own checks need the model's vocabulary; a wrong path need not wait for the model.
     check_data_path(cfg.data)
-    model, vocab = load_model(cfg.model, cfg.device)
+    model, vocab = load_model(cfg.model, cfg.device, cfg.text_tokenizer)
     data = load_eval_data(cfg.data, vocab, cfg.label_key, cfg.batch_key, cfg.min_gene_overlap,
                           cfg.max_cells, cfg.seed, cell_max_length(model))
     labels = data.obs[cfg.label_key].astype(str).to_numpy()
@@ -78,7 +79,7 @@ def build_context(cfg: EvalConfig) -> Context:
     lib = library_dir(cfg)
     type2text = json.loads((lib / "type2text.json").read_text()) if lib and (lib / "type2text.json").is_file() else {}
     ontology = CellOntology.load(cfg.ontology_terms)
-    texts, sources = class_descriptions(classes, type2text, ontology)
+    texts, sources = class_descriptions(classes, type2text, ontology, model_prompt(model))
     novel = set(cfg.zero_shot.novel_types or [])
     if cfg.zero_shot.novel_types is None and lib and (lib / "manifest.json").is_file():
         manifest = json.loads((lib / "manifest.json").read_text())
@@ -154,7 +155,8 @@ def zero_shot(ctx: Context, out: Path, scores: dict | None = None) -> tuple[dict
         f"{cls['n_cells']} cells, {len(ctx.classes)} candidate types; score = alpha * softmax(sim / 0.05) + "
         f"(1 - alpha) * softmax over classes of the matching probability, alpha = {alpha:g}"
         + (" (tuned on a validation share)" if alpha_grid else "")
-        + f"; matching head on each cell's top-{zcfg.top_k or len(ctx.classes)} classes by similarity.",
+        + ("; LangCell's exact formula over every class." if zcfg.top_k is None else
+           f"; matching head on each cell's top-{zcfg.top_k} classes by similarity only (0 elsewhere)."),
         "",
         R.table([{"metric": k, "value": out_metrics[k]} for k in
                  ("accuracy", "macro_f1", "weighted_f1", "similarity_only_accuracy")], ["metric", "value"]),

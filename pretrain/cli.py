@@ -38,6 +38,8 @@ def add_commands(subparsers) -> None:
     e = subparsers.add_parser("export", help="write a run's weights in the published LangCell layout")
     e.add_argument("--run", required=True, help="run folder of `langcell pretrain`")
     e.add_argument("--out", required=True, help="export folder (cell_bert/, text_bert/, *.bin, ...)")
+    e.add_argument("--langcell-compatible", action="store_true",
+                   help="refuse a model LangCell's own code would read with other numbers (mean pooling)")
     e.set_defaults(handler=_export)
 
 
@@ -65,6 +67,14 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
+    import json
+    import sys
+
     from pretrain.engine import export_run
-    print(export_run(args.run, args.out))
+    out = export_run(args.run, args.out, langcell_compatible=args.langcell_compatible)
+    reason = json.loads((out / "langcell_config.json").read_text())["langcell_incompatible_reason"]
+    if reason:
+        print(f"langcell export: not LangCell-compatible: {reason} (recorded in langcell_config.json)",
+              file=sys.stderr)
+    print(out)
     return 0

@@ -414,9 +414,27 @@ def checkpoint_tags(run: str | os.PathLike, stage: int) -> list[tuple[int, str]]
     return [(int(t[len("step"):]), t) for t in tags]
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
+def library_class_prompt(library: str | os.PathLike) -> dict | None:
+    """The cell-type text template of a library's texts (its manifest's build config), as
+    `pretrain.export.save_langcell` records it; None for a library whose manifest has none."""
+    from build_sclibrary.config import TextConfig
+
+    manifest = read_json(Path(library) / "manifest.json", "library manifest")
+    recorded = (manifest.get("config") or {}).get("texts")
+    if not recorded:
+        return None
+    texts = TextConfig(**recorded)
+    prefix = texts.prefixes["cell_type"]
+    return {"template": texts.template.replace("{prefix}", prefix),
+            "template_no_definition": texts.template_no_definition.replace("{prefix}", prefix),
+            "definition_as_sentence": True}
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, tag: str | None = None,
+               langcell_compatible: bool = False) -> Path:
     """Write RUN's latest weights (stage 2 if it has a checkpoint, else stage 1) in the LangCell
-    layout; `tag` (`stepNNNNNNN`) picks an earlier checkpoint of that stage."""
+    layout; `tag` (`stepNNNNNNN`) picks an earlier checkpoint of that stage.
+    `langcell_compatible=True` refuses a model LangCell's code would read differently."""
     import torch
     from transformers import AutoTokenizer, BertConfig
 
@@ -444,4 +462,5 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, tag: str | None =
         _load_parts(model, state, CELL_PARTS, f"{ckpt_dir}")
     model.text_tokenizer = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     return save_langcell(model.eval(), out, vocab_dir=run / "vocab",
-                         extra_config={"trained_stage": stage, "run": str(run.resolve())})
+                         extra_config={"trained_stage": stage, "run": str(run.resolve())},
+                         class_prompt=library_class_prompt(info["data"]), langcell_compatible=langcell_compatible)

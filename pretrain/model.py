@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from langcell.errors import LangCellError
 from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
+from pretrain.langcell_layout import TEXT_UNUSED_KEYS, load_strict
 from pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
 
 POOLINGS = ("cls", "mean")
@@ -165,26 +166,12 @@ class TextBert(nn.Module):
                 x = layer(x, attention_mask, enc, encoder_attention_mask)
         return x
 
-    # HF-style folder: config.json (a BertConfig with encoder_width) + model.safetensors.
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        from langcell.files import atomic_path, atomic_write_json
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = self.config.to_dict()
-        cfg.update(architectures=["BertModel"], add_cross_attention=True, is_decoder=False)
-        atomic_write_json(folder / "config.json", cfg)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(folder / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "TextBert":
         from transformers import BertConfig
         folder = Path(folder)
         if not (folder / "config.json").is_file():
-            raise LangCellError(f"{folder}: no config.json; expected a text_bert/ saved by save_pretrained")
+            raise LangCellError(f"{folder}: no config.json; expected a text_bert/ folder of an export or LangCell's release")
         config = BertConfig.from_json_file(str(folder / "config.json"))
         state = read_state_dict(folder)
         state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
@@ -196,8 +183,13 @@ class TextBert(nn.Module):
         config.encoder_width = state[cross_key].shape[1]
         config.use_token_type_embeddings = "embeddings.token_type_embeddings.weight" in state
         model = cls(config)
-        _load_checked(model, state, str(folder), optional_prefixes=("pooler.",))
+        load_strict(model, state, _weights_file(folder), TEXT_UNUSED_KEYS)
         return model
+
+
+def _weights_file(folder: Path) -> str:
+    name = "model.safetensors" if (folder / "model.safetensors").is_file() else "pytorch_model.bin"
+    return str(folder / name)
 
 
 def _load_checked(model: nn.Module, state: dict, source: str, optional_prefixes=(), new_prefixes=()):
@@ -302,7 +294,7 @@ class LangCellModel(nn.Module):
 
     def __init__(self, cell_bert, cell_proj, text_bert=None, text_proj=None, ctm_head=None,
                  text_tokenizer=None, token_dictionary=None, text_max_length: int = 128, cell_pooling: str = "cls",
-                 text_pooling: str = "cls"):
+                 text_pooling: str = "cls", class_prompt: dict | None = None):
         super().__init__()
         for side, pooling in (("cell", cell_pooling), ("text", text_pooling)):
             if pooling not in POOLINGS:
@@ -318,6 +310,8 @@ class LangCellModel(nn.Module):
         self.text_tokenizer = text_tokenizer
         self.token_dictionary = token_dictionary
         self.text_max_length = text_max_length
+        # How a class name and definition become the text the encoder reads (export.py records it).
+        self.class_prompt = class_prompt
 
     @property
     def device(self) -> torch.device:

@@ -115,15 +115,20 @@ def test_topk_with_k_equal_classes_is_the_full_fusion_and_the_loop():
     k_eq = score_cells(TopKScorer(model, texts, top_k=len(texts), pair_batch=1000), seqs, batch_size=16)
     np.testing.assert_allclose(full["fused"], loop["fused"], atol=1e-6)
     np.testing.assert_allclose(k_eq["fused"], loop["fused"], atol=1e-6)
-    # Independent reference: the formula written out over all pairs.
+    # Independent reference: the formula written out over all pairs, p_match written out per pair.
     ids, mask = pad_cells(seqs)
     with torch.no_grad():
         emb, hidden = model.encode_cells(ids, mask)
         scorer = TopKScorer(model, texts, top_k=None)
         sim = emb @ scorer.text_embeds.T
-        ref_match = match_prob_per_class_loop(model, hidden, mask, scorer.text_ids, scorer.text_mask)
+        ref_match = torch.tensor([[float(torch.softmax(model.match_logits(
+            hidden[i:i + 1], mask[i:i + 1], scorer.text_ids[c:c + 1], scorer.text_mask[c:c + 1]), -1)[0, 1])
+            for c in range(len(texts))] for i in range(len(seqs))])
         ref = 0.1 * torch.softmax(sim / 0.05, -1) + 0.9 * torch.softmax(ref_match, -1)
+        # The packed pairs of top-k, at k = C, give the same matching probabilities.
+        packed = match_prob_topk(model, hidden, mask, sim, scorer.text_ids, scorer.text_mask, len(texts), 5)
     np.testing.assert_allclose(full["fused"], ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(packed.numpy(), ref_match.numpy(), atol=1e-6)
     # With k < C only the k most similar classes carry a match probability.
     k2 = score_cells(TopKScorer(model, texts, top_k=2), seqs, batch_size=8)
     assert ((k2["match"] > 0).sum(axis=1) == 2).all()

@@ -95,6 +95,8 @@ def test_annotate_adds_fields_and_leaves_the_rest(world, tmp_path):
     assert got.obs[list(src.obs.columns)].equals(src.obs)
     np.testing.assert_array_equal(got.obsm["X_pca"], src.obsm["X_pca"])
     assert (got.X != src.X).nnz == 0 and got.uns["note"] == "mine"
+    assert got.uns["langcell"]["scoring"] == "exact" and summary["scoring"] == "exact"
+    assert got.uns["langcell"]["n_candidates"] == 6
     assert got.obsm["X_langcell"].shape == (src.n_obs, 256)
     np.testing.assert_allclose(np.linalg.norm(got.obsm["X_langcell"], axis=1), 1.0, atol=1e-5)
     assert (got.obs["langcell_prediction"].astype(str) == got.obs["cell_type"].astype(str)).mean() > 2 / 6
@@ -117,6 +119,23 @@ def test_annotate_by_ontology_root_and_cli(world, tmp_path):
     onto = CellOntology.load()
     allowed = {onto.labels[t] for t in onto.descendants("CL:0000084")}
     assert len(allowed) > 10 and set(got.obs["langcell_prediction"].astype(str)) <= allowed
+    assert got.uns["langcell"]["scoring"] == "top-k" and got.uns["langcell"]["top_k"] == 4
+
+
+def test_annotate_says_when_it_chooses_top_k(world, tmp_path, monkeypatch, capsys):
+    import eval.annotate
+
+    monkeypatch.setattr(eval.annotate, "AUTO_TOP_K_ABOVE", 5)
+    monkeypatch.setattr(eval.annotate, "AUTO_TOP_K", 3)
+    out = tmp_path / "auto.h5ad"
+    summary = annotate(world["export"], world["test"], out, ontology_root="CL:0000084")
+    assert "matching head on each cell's 3 most similar only" in capsys.readouterr().err
+    got = anndata.read_h5ad(out).uns["langcell"]
+    assert got["scoring"] == "top-k" and got["top_k"] == 3 and summary["top_k"] == 3
+    assert got["n_candidates"] == summary["n_candidates"] > 5
+    # Asked for k >= the candidates, it is the exact formula and says so.
+    annotate(world["export"], world["test"], out, ["B cell", "T cell"], top_k=2)
+    assert anndata.read_h5ad(out).uns["langcell"]["scoring"] == "exact"
 
 
 def _expect(match, fn, *args, **kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from pretrain.config import ModelConfig, load_model_config
 from pretrain.export import load_langcell, save_langcell
 from pretrain.losses import mask_genes
-from pretrain.model import LangCellPretrainModel, TextBert, load_text_tokenizer, resolve_text_model_path
+from pretrain.model import LangCellPretrainModel, load_text_tokenizer, resolve_text_model_path
 from langcell.config import from_dict
 from langcell.errors import LangCellError
 from tests.pretrain_helpers import MODEL, VOCAB
@@ -94,42 +93,6 @@ def test_mean_pooling_skips_padding_and_survives_export(tmp_path):
         assert torch.allclose(loaded.encode_cells(ids, mask)[0], emb, atol=1e-6)
     with pytest.raises(LangCellError, match="cell pooling 'max'"):
         _tiny_model(pooling="max")
-
-
-def test_loads_langcell_published_layout(tmp_path):
-    """LangCell's release: text_bert as pytorch_model.bin without a token-type table but with a
-    pooler, no vocab/ (Geneformer v1 + <cls> then), no langcell_config.json."""
-    cfg = from_dict(ModelConfig, {**MODEL, "cell": {**MODEL["cell"], "vocab_size": 25427}}, "test")
-    torch.manual_seed(1)
-    model = LangCellPretrainModel(cfg).eval()
-    model.text_tokenizer = load_text_tokenizer(cfg.text)
-    out = save_langcell(model, tmp_path / "exp", vocab_dir=_vocab_dir(tmp_path, 25427))
-    text_dir = out / "text_bert"
-    state = {k: v for k, v in TextBert.from_pretrained(text_dir).state_dict().items()
-             if "token_type" not in k}
-    state["pooler.dense.weight"] = torch.zeros(32, 32)
-    state["pooler.dense.bias"] = torch.zeros(32)
-    (text_dir / "model.safetensors").unlink()
-    torch.save(state, text_dir / "pytorch_model.bin")
-    config = json.loads((text_dir / "config.json").read_text())
-    config.pop("use_token_type_embeddings")
-    (text_dir / "config.json").write_text(json.dumps(config))
-    shutil.rmtree(out / "vocab")
-    (out / "langcell_config.json").unlink()
-    # Their projections were saved from a Pooler wrapper: keys prefixed with "proj.".
-    proj = torch.load(out / "cell_proj.bin")
-    torch.save({f"proj.{k}": v for k, v in proj.items()}, out / "cell_proj.bin")
-
-    loaded = load_langcell(out)
-    assert loaded.text_bert.embeddings.token_type_embeddings is None
-    assert len(loaded.token_dictionary) == 25427 and loaded.token_dictionary["<cls>"] == 25426
-    assert loaded.token_dictionary["<pad>"] == 0 and loaded.token_dictionary["<mask>"] == 1
-    ids, mask = _cells(vocab=25427)
-    with torch.no_grad():
-        assert torch.allclose(loaded.encode_cells(ids, mask)[0], model.encode_cells(ids, mask)[0], atol=1e-6)
-        t = loaded.tokenize_texts(["A T cell."])
-        assert loaded.encode_texts(*t).shape == (1, 256)
-        assert loaded.match_logits(*model.encode_cells(ids[:1], mask[:1])[1:], mask[:1], *t).shape == (1, 2)
 
 
 def test_text_encoder_matches_hf_bert_in_text_mode():

@@ -104,7 +104,7 @@ def test_two_stages_then_export_loads_the_trained_weights(setup):
     assert all(0.0 <= m["padding_share"] < 0.5 and m["cells_per_s"] > 0 for m in m1 + m2)
     assert (run / "stage1" / "tb").is_dir() and (run / "stage2" / "done.json").is_file()
 
-    r = run_cli(["export", "--run", str(run), "--out", str(tmp / "export")])
+    r = run_cli(["export", "--run", str(run), "--out", str(tmp / "export"), "--langcell-compatible"])
     assert r.returncode == 0, r.stderr[-3000:]
     model = load_langcell(tmp / "export")
     state = consolidated_state_dict(run / "stage2" / "checkpoints")

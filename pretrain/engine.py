@@ -29,6 +29,7 @@ from pathlib import Path
 from langcell.errors import LangCellError
 from langcell.files import atomic_path, atomic_write_json, output_lock, read_json
 from pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
+from pretrain.flops import batch_shapes, step_flops
 
 
 # ----------------------------------------------------------------------------- setup
@@ -290,7 +291,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
     batches = iter(loader)
-    flops_per_token = _flops_per_token(model, stage)
+    text_config = model.text_bert.config if stage == 2 else None
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -299,14 +300,17 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     engine.train()
     device = engine.device
     summary = {}
-    window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0}
+    window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0, "time": 0.0}
     while step < stage_cfg.max_steps:
         t0 = time.perf_counter()
         totals = {}
-        counts = torch.zeros(3)
+        counts = torch.zeros(4, dtype=torch.float64)
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
-            counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item()])
+            flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim,
+                               batch_shapes(batch, stage, stage_cfg.losses, cfg.mask_prob))
+            counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item(),
+                                    flops], dtype=torch.float64)
             batch = {k: v.to(device) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
@@ -324,23 +328,25 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         torch.distributed.all_reduce(packed)
         packed = packed.cpu()
         losses = dict(zip(keys, packed[: len(keys)].tolist()))
-        cells, tokens, padded = packed[len(keys):].tolist()
+        cells, tokens, padded, flops = packed[len(keys):].tolist()
         dt = time.perf_counter() - t0
         window.update(cells=window["cells"] + cells, tokens=window["tokens"] + tokens,
-                      padded=window["padded"] + padded, time=window["time"] + dt)
+                      padded=window["padded"] + padded, flops=window["flops"] + flops, time=window["time"] + dt)
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", cells_s=f"{cells / dt:.1f}")
         if step % cfg.log_every == 0 or step == stage_cfg.max_steps:
             rec = {"step": step, "stage": stage, **losses, "lr": scheduler.get_last_lr()[0],
                    "cells_per_s": window["cells"] / window["time"], "tokens_per_s": window["tokens"] / window["time"],
-                   "padding_share": 1 - window["tokens"] / window["padded"]}
+                   "padding_share": 1 - window["tokens"] / window["padded"],
+                   "model_flops_per_s": window["flops"] / window["time"]}
             if stage == 2:
                 rec["temperature"] = _temperature(engine)
-            rec["mfu"] = (flops_per_token * window["tokens"] / window["time"] / (cfg.peak_flops_per_device * world)
+            # Model FLOPs of every rank's cells (summed above) over every device's peak.
+            rec["mfu"] = (window["flops"] / window["time"] / (cfg.peak_flops_per_device * world)
                           if on_gpu and cfg.peak_flops_per_device > 0 else None)
             summary = rec
-            window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0}
+            window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0, "time": 0.0}
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -373,19 +379,6 @@ def _temperature(engine) -> float:
     p = engine.module.logit_scale
     with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext():
         return float(1.0 / torch.exp(p.detach().float().clamp(max=4.6052)))
-
-
-def _flops_per_token(model, stage: int) -> float:
-    """Training FLOPs per cell token, 6·N per forward+backward over non-embedding parameters
-    (attention score FLOPs left out): two cell passes, and in stage 2 about one text pass per
-    cell plus three multimodal passes (positives and two hard negatives), counted against
-    cell tokens as an approximation."""
-    def non_embedding(module):
-        return sum(p.numel() for n, p in module.named_parameters() if "embeddings" not in n)
-    flops = 6 * 2 * non_embedding(model.cell_bert)
-    if stage == 2:
-        flops += 6 * 4 * non_embedding(model.text_bert) * 0.05  # texts are ~5% of a cell's token count
-    return float(flops)
 
 
 def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:

@@ -99,7 +99,9 @@ def test_two_stages_then_export_loads_the_trained_weights(setup):
         assert r.returncode == 0, r.stderr[-3000:]
     m1, m2 = read_metrics(run / "stage1" / "metrics.jsonl"), read_metrics(run / "stage2" / "metrics.jsonl")
     assert [m["step"] for m in m2] == [1, 2, 3, 4, 5, 6]
-    assert set(m1[0]) >= {"mlm", "cell_cell", "loss", "cells_per_s", "tokens_per_s", "padding_share", "mfu"}
+    assert set(m1[0]) >= {"mlm", "cell_cell", "loss", "cells_per_s", "tokens_per_s", "padding_share", "mfu",
+                          "model_flops_per_s"}
+    assert all(r["model_flops_per_s"] > 0 for r in m1 + m2)
     assert set(m2[0]) >= {"mlm", "cell_cell", "cell_text", "ctm", "temperature"}
     assert all(0.0 <= m["padding_share"] < 0.5 and m["cells_per_s"] > 0 for m in m1 + m2)
     assert (run / "stage1" / "tb").is_dir() and (run / "stage2" / "done.json").is_file()

@@ -13,7 +13,10 @@ from tests.pretrain_helpers import REPO, _port, env, read_metrics, run_cli, writ
 
 GATHER_SCRIPT = r'''
 import sys, torch, torch.distributed as dist
-from pretrain.losses import cell_cell_contrastive, cell_text_contrastive
+import pretrain.losses as losses
+from pretrain.losses import cell_cell_contrastive, cell_text_contrastive, gather_with_grad
+if sys.argv[2] == "fallback":  # what a torch without a differentiable functional all-gather runs
+    losses._functional_gather_has_autograd = lambda: False
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 g = torch.Generator().manual_seed(0)
@@ -24,7 +27,9 @@ c, t, v = (x[part].clone().requires_grad_() for x in (cells, texts, views))
 loss = (cell_text_contrastive(c, t, codes[part], aspects[part], has_text[part], torch.tensor(14.0))
         + cell_cell_contrastive(c, v, 0.05))
 loss.backward()
-torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad}, sys.argv[1] + f"/rank{rank}.pt")
+path = type(gather_with_grad(c).grad_fn).__name__
+torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad, "path": path},
+           sys.argv[1] + f"/rank{rank}.pt")
 dist.destroy_process_group()
 '''
 
@@ -46,12 +51,14 @@ def _relation():
 
 
 @pytest.mark.slow
-def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("gather,grad_fn", [("functional", "wait_tensor"),
+                                            ("fallback", "_AllGatherBackward")])
+def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path, gather, grad_fn):
     torch.save(_relation(), tmp_path / "relation.pt")
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_port()), str(script), str(tmp_path)], cwd=REPO, env=env(), capture_output=True,
+                        str(_port()), str(script), str(tmp_path), gather], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     g = torch.Generator().manual_seed(0)
@@ -62,6 +69,7 @@ def test_gathered_contrastive_equals_single_process_on_the_whole_batch(tmp_path)
             + cell_cell_contrastive(cells, views, 0.05))
     loss.backward()
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert all(grad_fn in r["path"] for r in ranks), [r["path"] for r in ranks]
     # Each rank's loss is its rows' share of the global mean, so the mean over ranks is the global mean ...
     assert abs((ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 - loss.item()) < 1e-5
     # ... and each rank's gradient is world_size x the global gradient (DeepSpeed divides by it).

@@ -74,6 +74,11 @@ def load_deepspeed_config(name_or_path: str, on_gpu: bool) -> dict:
     if "optimizer" in cfg or "scheduler" in cfg:
         raise LangCellError(f"{path}: 'optimizer'/'scheduler' are set by configs/pretrain (lr, warmup); "
                             "remove them from the DeepSpeed config")
+    batching = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                            "gradient_clipping") if k in cfg]
+    if batching:
+        raise LangCellError(f"{path}: {', '.join(batching)} are set by configs/pretrain (micro_batch_size, "
+                            "grad_accum_steps, grad_clip); remove them from the DeepSpeed config")
     bf16 = cfg.setdefault("bf16", {})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = on_gpu
@@ -276,7 +281,11 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     if rank == 0:
         _truncate_metrics(metrics_path, step)
     if step >= stage_cfg.max_steps:
-        return read_json(sdir / "done.json", "stage summary") if (sdir / "done.json").is_file() else {"step": step}
+        if (sdir / "done.json").is_file():
+            return read_json(sdir / "done.json", "stage summary")
+        # Killed after its last checkpoint but before finishing: finish it now, or stage 2 never starts.
+        logged = _read_metrics(metrics_path) if rank == 0 else []
+        return _finish_stage(ckpt_dir, run, sdir, stage, rank, logged[-1] if logged else {"step": step})
 
     loader = torch.utils.data.DataLoader(
         # Stage 2 reads its own order of the library, not stage 1's again from the start.
@@ -353,6 +362,12 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     if writer is not None:
         writer.close()
     del batches, loader
+    return _finish_stage(ckpt_dir, run, sdir, stage, rank, summary)
+
+
+def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, summary: dict) -> dict:
+    """Stage 1's consolidated weights (what stage 2 starts from), then done.json."""
+    import torch
     if rank == 0:
         if stage == 1:
             state = consolidated_state_dict(ckpt_dir)
@@ -364,7 +379,10 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
 
 
 def _seed(seed: int, stage: int, step: int, micro: int, rank: int) -> int:
-    return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 10_007 + micro * 1_009 + rank
+    """A 63-bit seed per micro-step and rank: hashed, since any arithmetic mix of unbounded
+    fields either overflows torch's 64-bit seed or makes two (step, micro, rank) collide."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, stage, step, micro, rank]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _temperature(engine) -> float:
@@ -396,6 +414,10 @@ def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -145,3 +145,58 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     for x, y in zip(a[resumed_from:], b[resumed_from:]):
         for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
             assert abs(x[key] - y[key]) < 1e-6, (x["step"], key, x[key], y[key])
+
+
+def test_micro_step_seeds_fit_torch_and_never_collide():
+    from pretrain.engine import _seed
+    seeds = {_seed(s, stage, step, micro, rank) for s in (0, 1844, 2**63 - 1) for stage in (1, 2)
+             for step in (0, 1, 10**6) for micro in range(12) for rank in (0, 83, 1009)}
+    assert len(seeds) == 3 * 2 * 3 * 12 * 3  # an arithmetic mix made (step 0, micro 10) == (step 1, rank 83)
+    for s in seeds:
+        torch.manual_seed(s)
+    assert _seed(1844, 1, 0, 0, 0) == _seed(1844, 1, 0, 0, 0)
+
+
+def test_seed_out_of_range_refused(setup):
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d.update(seed=-1))
+    with pytest.raises(LangCellError, match="seed -1 is out of range"):
+        pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_batching_has_one_source(setup):
+    """Accumulation and clipping come from configs/pretrain; a DeepSpeed config cannot set them too."""
+    from pretrain.config import load_pretrain_config
+    tmp, lib, cfg = setup
+    ds = tmp / "clip.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5,
+                              "gradient_accumulation_steps": 4}))
+    with pytest.raises(LangCellError, match="gradient_accumulation_steps, gradient_clipping are set by configs/pretrain"):
+        pretrain(cfg, lib, tmp / "run", 1, deepspeed_config=str(ds))
+    # bf16 is the DeepSpeed config's alone ("auto"); the pretrain key that said it is gone.
+    _edit(cfg, lambda d: d.update(bf16_on_gpu=True))
+    with pytest.raises(LangCellError, match="bf16_on_gpu"):
+        load_pretrain_config(cfg)
+    for name in ("base", "demo", "tiny"):
+        load_pretrain_config(name)
+
+
+def test_a_stage_killed_before_done_json_is_finished_by_resume(setup, one_thread):
+    """Killed after the last checkpoint but before final_model.pt and done.json: stage 2 would
+    refuse to start for ever; rerunning stage 1 finishes it without training."""
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d["stage1"].update(max_steps=2))
+    run = tmp / "run"
+    summary = pretrain(cfg, lib, run, 1)
+    assert summary["step"] == 2
+    final = torch.load(run / "stage1" / "final_model.pt")
+    (run / "stage1" / "done.json").unlink()
+    (run / "stage1" / "final_model.pt").unlink()
+    metrics = (run / "stage1" / "metrics.jsonl").read_text()
+    with pytest.raises(LangCellError, match="stage 1 has not finished"):
+        pretrain(cfg, lib, run, 2)
+    assert pretrain(cfg, lib, run, 1) == summary
+    assert json.loads((run / "stage1" / "done.json").read_text()) == summary
+    again = torch.load(run / "stage1" / "final_model.pt")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+    assert (run / "stage1" / "metrics.jsonl").read_text() == metrics  # nothing trained again

@@ -3,7 +3,8 @@
     RUN/run.json                 model config, pretrain config, library path (written once)
     RUN/vocab/ RUN/tokenizer/    the gene vocabulary and text tokenizer the run trains with
     RUN/text_bert_config.json    the text encoder's shape, so export needs no hub access
-    RUN/stage{1,2}/checkpoints/  DeepSpeed checkpoints (tags stepNNNNNNN, `latest`)
+    RUN/stage{1,2}/checkpoints/  DeepSpeed checkpoints (tags stepNNNNNNN, `latest`), each with
+                                 stream_rankNNNNN.json per rank (where its data stream stood)
     RUN/stage{1,2}/metrics.jsonl one line per logged step; RUN/stage{n}/tb/ TensorBoard
     RUN/stage1/final_model.pt    consolidated fp32 weights that stage 2 starts from
     RUN/stage{n}/done.json       written when the stage has run all its steps
@@ -11,7 +12,10 @@
 Determinism: the batch of (rank, micro-step) is fixed by the data stream (see data.py) and
 every random draw of a micro-step (masking, dropout, hard negatives) comes from the global
 RNG seeded with (seed, stage, step, micro-step, rank); a resumed run therefore repeats the
-losses of an uninterrupted one.
+losses of an uninterrupted one. Each checkpoint holds every rank's stream position
+(`stream_rankNNNNN.json`: shard order, open shards and byte offsets, the shuffle buffer as
+(shard, offset) references, RNG states, the batch within its window), so resuming reads the
+shuffle buffer and one window again, whatever the step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json
+from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
 from pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
 
 
@@ -273,10 +277,11 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
               zero_allow_untested_optimizer=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
 
-    step = 0
+    step, resume = 0, None
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
+        resume = _load_stream_position(ckpt_dir, rank, world)
     metrics_path = sdir / "metrics.jsonl"
     if rank == 0:
         _truncate_metrics(metrics_path, step)
@@ -294,7 +299,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
                    with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
-                   start_batch=step * cfg.grad_accum_steps,
+                   resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
                    open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
@@ -308,6 +313,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     engine.train()
     device = engine.device
     summary = {}
+    stream_position = None
     window = {"cells": 0, "tokens": 0, "padded": 0, "time": 0.0}
     while step < stage_cfg.max_steps:
         t0 = time.perf_counter()
@@ -315,6 +321,9 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         counts = torch.zeros(3)
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
+            began, consumed = batch.pop("stream_window"), batch.pop("stream_batch") + 1
+            stream_position = {"window": json.loads(began) if began else stream_position["window"],
+                               "consumed": consumed}
             counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item()])
             batch = {k: v.to(device) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
@@ -357,7 +366,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                     if isinstance(v, float):
                         writer.add_scalar(f"stage{stage}/{k}", v, step)
         if step % cfg.checkpoint_every == 0 or step == stage_cfg.max_steps:
-            _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints)
+            _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints, stream_position)
     bar.close()
     if writer is not None:
         writer.close()
@@ -406,9 +415,33 @@ def _flops_per_token(model, stage: int) -> float:
     return float(flops)
 
 
-def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+def _stream_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    return ckpt_dir / tag / f"stream_rank{rank:05d}.json"
+
+
+def _load_stream_position(ckpt_dir: Path, rank: int, world: int) -> dict | None:
+    """Where this rank's data stream stood at the latest checkpoint, or None (a checkpoint from
+    before positions were saved: the stream is then replayed from its start, which every rank
+    decides alike)."""
     import torch
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state={"step": step})
+    path = _stream_file(ckpt_dir, (ckpt_dir / "latest").read_text().strip(), rank)
+    found = torch.tensor([int(path.is_file())], device=_collective_device())
+    torch.distributed.all_reduce(found)
+    if found.item() == world:
+        return read_json(path, "data stream position")
+    if rank == 0:
+        print(f"langcell pretrain: {path.parent} holds no data stream position for every rank; replaying the "
+              "stream up to the checkpoint (slow at late steps)")
+    return None
+
+
+def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int, stream_position: dict) -> None:
+    import torch
+    tag = f"step{step:07d}"
+    # Before DeepSpeed writes `latest`: a checkpoint that `latest` names always has every rank's position.
+    atomic_write_bytes(_stream_file(ckpt_dir, tag, rank), json.dumps(stream_position).encode())
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     torch.distributed.barrier()
     if rank == 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())

@@ -137,8 +137,11 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     assert not (killed / "stage1" / "done.json").exists(), "the run finished before it could be killed"
     resumed_from = int(latest.read_text().strip()[4:])
     assert resumed_from < 40
+    # The checkpoint holds where the data stream stood: resuming does not replay it.
+    assert (latest.parent / latest.read_text().strip() / "stream_rank00000.json").is_file()
     r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(killed), "--stage", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "replaying" not in r.stdout + r.stderr
 
     a, b = read_metrics(full / "stage1" / "metrics.jsonl"), read_metrics(killed / "stage1" / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(1, 41))

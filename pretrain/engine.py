@@ -276,6 +276,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum_steps * world, gradient_clipping=cfg.grad_clip,
               zero_allow_untested_optimizer=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        _report_partitioning(engine, rank, world)
 
     step, resume = 0, None
     if (ckpt_dir / "latest").is_file():
@@ -385,6 +387,17 @@ def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, 
         atomic_write_json(sdir / "done.json", summary)
     torch.distributed.barrier()
     return summary
+
+
+def _report_partitioning(engine, rank: int, world: int) -> None:
+    """What ZeRO-3 actually partitioned: tensors at or below `stage3_param_persistence_threshold`
+    stay whole on every rank, which for a small model can be nearly all of them."""
+    params = list(engine.module.parameters())
+    persistent = [p for p in params if p.ds_persist]
+    kept = sum(p.ds_numel for p in persistent) + sum(p.ds_tensor.numel() for p in params if not p.ds_persist)
+    total = sum(p.ds_numel for p in params)
+    print(f"langcell pretrain: rank {rank}: ZeRO-3 partitions {len(params) - len(persistent)} of {len(params)} "
+          f"parameter tensors over {world} ranks; this rank keeps {kept} of {total} elements", flush=True)
 
 
 def _seed(seed: int, stage: int, step: int, micro: int, rank: int) -> int:

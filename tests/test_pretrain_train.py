@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,17 +138,24 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     assert not (killed / "stage1" / "done.json").exists(), "the run finished before it could be killed"
     resumed_from = int(latest.read_text().strip()[4:])
     assert resumed_from < 40
-    # The checkpoint holds where the data stream stood: resuming does not replay it.
-    assert (latest.parent / latest.read_text().strip() / "stream_rank00000.json").is_file()
-    r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(killed), "--stage", "1"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "replaying" not in r.stdout + r.stderr
+    # The checkpoint holds where the data stream stood: resuming does not replay it. A checkpoint
+    # without it (written before positions were saved) replays the stream to the same place.
+    position = latest.parent / latest.read_text().strip() / "stream_rank00000.json"
+    assert position.is_file()
+    shutil.copytree(killed, tmp_path / "old")
+    (tmp_path / "old" / position.relative_to(killed)).unlink()
+    for folder, replays in ((killed, False), (tmp_path / "old", True)):
+        r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(folder), "--stage", "1"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("replaying the stream" in r.stdout + r.stderr) == replays
 
-    a, b = read_metrics(full / "stage1" / "metrics.jsonl"), read_metrics(killed / "stage1" / "metrics.jsonl")
-    assert [m["step"] for m in b] == list(range(1, 41))
-    for x, y in zip(a[resumed_from:], b[resumed_from:]):
-        for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
-            assert abs(x[key] - y[key]) < 1e-6, (x["step"], key, x[key], y[key])
+    a = read_metrics(full / "stage1" / "metrics.jsonl")
+    for folder in (killed, tmp_path / "old"):
+        b = read_metrics(folder / "stage1" / "metrics.jsonl")
+        assert [m["step"] for m in b] == list(range(1, 41))
+        for x, y in zip(a[resumed_from:], b[resumed_from:]):
+            for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
+                assert abs(x[key] - y[key]) < 1e-6, (folder.name, x["step"], key, x[key], y[key])
 
 
 def test_micro_step_seeds_fit_torch_and_never_collide():

@@ -143,9 +143,13 @@ class CellStream(torch.utils.data.IterableDataset):
         self.open_shards = max(1, open_shards)
         self.require_text = require_text
         self._tokenizer = None
-        if resume is not None and resume["window"]["stream"] != self.identity():
-            raise LangCellError(f"data stream: saved for {resume['window']['stream']}, now {self.identity()}; resume "
-                                "with the same library, config and number of ranks")
+        if resume is not None:
+            saved, now = resume["window"]["stream"], self.identity()
+            changed = [f"{k} {_short(saved.get(k))} -> {_short(now[k])}" for k in now if saved.get(k) != now[k]]
+            if changed:
+                raise LangCellError(f"{resume.get('file', 'saved data stream')}: the run's data stream has changed "
+                                    f"since ({', '.join(changed)}); resume with the library, data config and "
+                                    "number of ranks it started with")
         self.resume = resume
 
     def identity(self) -> dict:
@@ -246,6 +250,10 @@ class CellStream(torch.utils.data.IterableDataset):
                 "has_text": index >= 0, "text_index": index.clamp(min=0),
                 "term_codes": torch.tensor(codes, dtype=torch.long),
                 "text_aspects": torch.tensor(mentioned, dtype=torch.bool)}
+
+
+def _short(value) -> str:
+    return f"{len(value)} shards" if isinstance(value, list) else repr(value)
 
 
 def _rng(state: dict) -> np.random.Generator:

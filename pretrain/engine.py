@@ -441,7 +441,7 @@ def _load_stream_position(ckpt_dir: Path, rank: int, world: int) -> dict | None:
     found = torch.tensor([int(path.is_file())], device=_collective_device())
     torch.distributed.all_reduce(found)
     if found.item() == world:
-        return read_json(path, "data stream position")
+        return {**read_json(path, "data stream position"), "file": str(path)}
     if rank == 0:
         print(f"langcell pretrain: {path.parent} holds no data stream position for every rank; replaying the "
               "stream up to the checkpoint (slow at late steps)")

@@ -17,11 +17,12 @@ from pretrain.synthetic import write_synthetic_library
 from pretrain.tar_reader import ShardReader
 
 
+_STREAM = dict(rank=0, world=1, seed=7, batch_size=8, shuffle_buffer=16, bucket_batches=4, max_length=128,
+               with_text=False)
+
+
 def _stream(lib, **kw):
-    args = dict(rank=0, world=1, seed=7, batch_size=8, shuffle_buffer=16, bucket_batches=4, max_length=128,
-                with_text=False)
-    args.update(kw)
-    return CellStream([p for p, _ in library_shards(lib)], **args)
+    return CellStream([p for p, _ in library_shards(lib)], **{**_STREAM, **kw})
 
 
 def _take(dataset, n, workers=0):
@@ -168,6 +169,7 @@ def test_resume_from_a_saved_position_is_exact_and_costs_the_same_at_any_step(tm
 
 def test_a_position_from_another_configuration_is_refused(tmp_path):
     lib = write_synthetic_library(tmp_path / "lib", n_cells=32, n_shards=2, vocab_size=600, min_len=12, max_len=64)
-    position = _positions(_take(_stream(lib), 2))[-1]
-    with pytest.raises(LangCellError, match="data stream: saved for .*'batch_size': 8.*now .*'batch_size': 4"):
-        _stream(lib, resume=position, batch_size=4)
+    position = {**_positions(_take(_stream(lib), 2))[-1], "file": "stream_rank00000.json"}
+    with pytest.raises(LangCellError, match=r"^stream_rank00000.json: the run's data stream has changed since "
+                                            r"\(shards 2 shards -> 1 shards, batch_size 8 -> 4\); resume with"):
+        CellStream([library_shards(lib)[0][0]], **{**_STREAM, "batch_size": 4, "resume": position})

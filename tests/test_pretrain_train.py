@@ -126,14 +126,20 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(full), "--stage", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
 
-    cmd = [sys.executable, "-m", "langcell.cli", "pretrain", "--config", str(cfg), "--data", str(lib),
+    # The killed run loads with 2 workers: positions come back through them, and the losses may not
+    # depend on the worker count.
+    workers = tmp_path / "workers.yaml"
+    _edit(cfg, lambda d: d["data"].update(num_workers=2))
+    cfg.rename(workers)
+    cmd = [sys.executable, "-m", "langcell.cli", "pretrain", "--config", str(workers), "--data", str(lib),
            "--out", str(killed), "--stage", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     latest = killed / "stage1" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers, as a job scheduler kills them
     proc.wait()
     assert not (killed / "stage1" / "done.json").exists(), "the run finished before it could be killed"
     resumed_from = int(latest.read_text().strip()[4:])
@@ -145,7 +151,7 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     shutil.copytree(killed, tmp_path / "old")
     (tmp_path / "old" / position.relative_to(killed)).unlink()
     for folder, replays in ((killed, False), (tmp_path / "old", True)):
-        r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(folder), "--stage", "1"])
+        r = run_cli(["pretrain", "--config", str(workers), "--data", str(lib), "--out", str(folder), "--stage", "1"])
         assert r.returncode == 0, r.stderr[-3000:]
         assert ("replaying the stream" in r.stdout + r.stderr) == replays
 

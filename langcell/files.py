@@ -126,7 +126,10 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
-                raise LangCellError(f"{folder}: locked by {holder}; wait for that run to finish "
+                # A forked child (a data loader worker) shares the flock and outlives a killed parent.
+                orphans = (", which has exited: processes it started still hold the lock until they exit"
+                           if _on_this_host(holder) and not _pid_alive(_on_this_host(holder)) else "")
+                raise LangCellError(f"{folder}: locked by {holder}{orphans}; wait for that run to finish "
                                     "or write to another folder") from None
             if exc.errno not in _FLOCK_UNSUPPORTED:
                 raise LangCellError(f"{folder / '.lock'}: cannot lock ({exc.strerror}); "
@@ -141,6 +144,14 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
             return
     with _owner_file_lock(folder):
         yield
+
+
+def _on_this_host(holder: str) -> int | None:
+    """The pid of a `pid P on HOST` holder when HOST is this machine."""
+    parts = holder.split()
+    if len(parts) == 4 and parts[0] == "pid" and parts[1].isdigit() and parts[3] == socket.gethostname():
+        return int(parts[1])
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -193,13 +204,12 @@ def _clear_stale_owner_file(folder: Path, path: Path) -> None:
         holder = path.read_text().strip()
     except FileNotFoundError:
         return
-    parts = holder.split()
-    same_host = len(parts) == 4 and parts[0] == "pid" and parts[1].isdigit() and parts[3] == socket.gethostname()
-    if not same_host:
+    pid = _on_this_host(holder)
+    if pid is None:
         raise LangCellError(f"{folder}: locked by {holder or 'another process'} (a lock file: this filesystem "
                             "has no flock); wait for that run to finish, or if it no longer runs delete "
                             f"{path}")
-    if _pid_alive(int(parts[1])):
+    if _pid_alive(pid):
         raise LangCellError(f"{folder}: locked by {holder}; wait for that run to finish or write to another folder")
     # Renamed before it is removed: of two runs clearing the same stale file, the second moves the
     # first one's new lock instead, sees a different holder and puts it back.

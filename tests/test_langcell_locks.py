@@ -1,12 +1,16 @@
-"""Output locks where flock does not work (Lustre/NFS without flock): the owner-file fallback."""
+"""Output locks: the owner-file fallback where flock does not work (Lustre/NFS without flock), and
+what a contended lock says."""
 
 from __future__ import annotations
 
 import errno
 import multiprocessing
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,7 +53,7 @@ def test_owner_file_excludes_a_second_run_and_goes_away_after(tmp_path, lustre):
     assert proc.exitcode == 0
     assert not (tmp_path / OWNER_FILE).exists()
     with output_lock(tmp_path):
-        assert (tmp_path / OWNER_FILE).read_text().startswith(f"pid {files.os.getpid()} on ")
+        assert (tmp_path / OWNER_FILE).read_text().startswith(f"pid {os.getpid()} on ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
 
 
@@ -74,8 +78,8 @@ def test_a_holder_on_another_host_is_never_taken_over(tmp_path, lustre):
 
 
 def test_a_live_holder_on_this_host_is_kept(tmp_path, lustre):
-    (tmp_path / OWNER_FILE).write_text(f"pid {files.os.getppid()} on {socket.gethostname()}")
-    with pytest.raises(LangCellError, match=f"locked by pid {files.os.getppid()} on "):
+    (tmp_path / OWNER_FILE).write_text(f"pid {os.getppid()} on {socket.gethostname()}")
+    with pytest.raises(LangCellError, match=f"locked by pid {os.getppid()} on "):
         with output_lock(tmp_path):
             pass
 
@@ -94,3 +98,38 @@ def test_other_flock_errors_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(LangCellError, match=r"\.lock: cannot lock \(flock refused by the filesystem\); write to"):
         with output_lock(tmp_path):
             pass
+
+
+def _lock_then_exit_leaving_a_child(folder, child_ready):
+    """A run that forks a worker while it holds the lock, then dies without cleanup."""
+    with output_lock(folder):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        child_ready.send(worker.pid)
+        os._exit(0)
+
+
+def test_a_flock_kept_by_a_dead_runs_worker_says_so(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready, sender = ctx.Pipe(duplex=False)  # sent at once: the run exits with os._exit right after
+    run = ctx.Process(target=_lock_then_exit_leaving_a_child, args=(tmp_path, sender))
+    run.start()
+    assert ready.poll(10)
+    worker = ready.recv()
+    run.join()
+    try:
+        with pytest.raises(LangCellError, match=f"locked by pid {run.pid} on {socket.gethostname()}, which has "
+                                                "exited: processes it started still hold the lock"):
+            with output_lock(tmp_path):
+                pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with output_lock(tmp_path):
+                break
+        except LangCellError:
+            time.sleep(0.05)
+    else:
+        pytest.fail("the lock was not released once the worker died")

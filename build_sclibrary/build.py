@@ -559,7 +559,9 @@ def _finalize(roots: list[Path], out: Path, manifest: dict, records: list[dict],
         tmp = out / "hf" / f".{split}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        dataset.save_to_disk(str(tmp))
+        # An empty split (2 datasets split by dataset leave test empty) is saved as one empty
+        # shard: with the default sharding datasets writes no data file and cannot load it back.
+        dataset.save_to_disk(str(tmp), num_shards=1 if len(dataset) == 0 else None)
         del dataset, parts
         if target.exists():
             shutil.rmtree(target)

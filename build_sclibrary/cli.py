@@ -78,6 +78,9 @@ def _build(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{s} {manifest['splits'][s]['n_cells']:,}" for s in ("train", "val", "test"))
         print(f"scLibrary written to {args.out}: {counts} cells; "
               f"{manifest['n_skipped_no_vocab_gene']:,} skipped (no vocabulary gene)")
+        for split in (s for s in ("train", "val", "test") if manifest["splits"][s]["n_cells"] == 0):
+            print(f"split {split} has no cells: no shards, and hf/{split} is an empty dataset; "
+                  "with --split-by dataset or donor, more groups (or --split-by cell) fill it")
     return 0
 
 

@@ -151,7 +151,6 @@ class PretrainConfig:
     simcse_temperature: float = 0.05
     deepspeed_config: str = "zero2.json"
     activation_checkpointing: bool = False
-    bf16_on_gpu: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -188,6 +187,8 @@ def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     cfg = from_dict(PretrainConfig, data, str(path))
+    if not 0 <= cfg.seed < 2**63:
+        raise LangCellError(f"{path}: seed {cfg.seed} is out of range; use an integer from 0 to 2**63 - 1")
     if cfg.grad_accum_steps < 1 or cfg.micro_batch_size < 2:
         raise LangCellError(f"{path}: micro_batch_size must be >= 2 (contrastive needs negatives) and "
                             "grad_accum_steps >= 1; fix the values")

@@ -4,8 +4,10 @@ The batch sequence one rank sees is a pure function of (library, seed, stage, ra
 size): shards are permuted per epoch with a seed, `open_shards` of them are read at once with
 their samples interleaved at random, passed through a seeded shuffle buffer, and batched inside
 windows sorted by length. Loader workers all walk the same stream and each collates only every
-`num_workers`-th batch, so the sequence does not depend on the worker count and a resumed run
-skips the first N batches without tokenising them.
+`num_workers`-th batch, so the sequence does not depend on the worker count. Every window's
+starting state (shard order, open shards with byte offsets, the shuffle buffer as (shard,
+offset) references, RNG states) travels with its batches; the trainer saves it with each
+checkpoint and a resumed stream rebuilds it by reading the buffer and one window again.
 
 A stage-2 batch carries, beside the cells, what the objectives need to tell true descriptions
 from false ones by meaning: a term code per identity aspect of every cell and the aspects each
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +115,23 @@ def term_codes(meta: dict, texts: dict) -> list[int]:
     return codes
 
 
+STREAM_FORMAT = "langcell-stream/1"
+
+
 class CellStream(torch.utils.data.IterableDataset):
-    """Infinite stream of collated batches for one rank (see the module docstring)."""
+    """Infinite stream of collated batches for one rank (see the module docstring).
+
+    Every batch carries `stream_batch` (its index in its length-sorted window) and, on the first
+    batch of each window this iterator yields, `stream_window`: the stream's state where that
+    window began (JSON). `{"window": ..., "consumed": stream_batch + 1}` passed back as `resume`
+    continues right after that batch, reading only the shuffle buffer and one window again.
+    """
 
     def __init__(self, shards: list[Path], *, rank: int, world: int, seed: int, batch_size: int,
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
-                 start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False):
+                 start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False,
+                 resume: dict | None = None):
         super().__init__()
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
@@ -131,82 +143,76 @@ class CellStream(torch.utils.data.IterableDataset):
         self.open_shards = max(1, open_shards)
         self.require_text = require_text
         self._tokenizer = None
+        if resume is not None:
+            saved, now = resume["window"]["stream"], self.identity()
+            changed = [f"{k} {_short(saved.get(k))} -> {_short(now[k])}" for k in now if saved.get(k) != now[k]]
+            if changed:
+                raise LangCellError(f"{resume.get('file', 'saved data stream')}: the run's data stream has changed "
+                                    f"since ({', '.join(changed)}); resume with the library, data config and "
+                                    "number of ranks it started with")
+        self.resume = resume
 
-    # -- the sample stream (identical in every worker of a rank)
-    def _samples(self):
-        for epoch in itertools.count():
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            shards = [self.shards[i] for i in order]
-            # With fewer shards than ranks, every rank reads all shards and keeps every world-th cell.
-            by_shard = len(shards) >= self.world
-            mine = shards[self.rank::self.world] if by_shard else shards
-            index = kept = 0
-            # One interleaving for all ranks: when they share shards, they split its cells by position.
-            for sample in self._interleaved(mine, np.random.default_rng([self.seed, 4, epoch])):
-                if self.require_text and not json.loads(sample["texts.json"]):
-                    continue
-                keep = by_shard or index % self.world == self.rank
-                index += 1
-                if keep:
-                    kept += 1
-                    yield epoch, sample
-            if kept == 0:  # an endless loop over empty shards would hang every rank
-                raise LangCellError(f"{mine[0] if mine else 'shards'}: rank {self.rank} of {self.world} got no "
-                                    "cells; use fewer ranks or a library with more cells")
-
-    def _interleaved(self, shards: list[str], rng: np.random.Generator):
-        """Samples of `open_shards` shards at a time, each next sample from one of them at random;
-        a finished shard is replaced by the next in order."""
-        from webdataset.tariterators import tarfile_samples
-        pending = iter(shards)
-        readers = [tarfile_samples([{"url": s}]) for s in itertools.islice(pending, self.open_shards)]
-        while readers:
-            i = int(rng.integers(len(readers)))
-            sample = next(readers[i], None)
-            if sample is not None:
-                yield sample
-                continue
-            following = next(pending, None)
-            if following is None:
-                readers.pop(i)
-            else:
-                readers[i] = tarfile_samples([{"url": following}])
-
-    def _shuffled(self):
-        rng = np.random.default_rng([self.seed, 1, self.rank])
-        buffer = []
-        for item in self._samples():
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], item = item, buffer[i]
-            yield item
-
-    def _batches(self):
-        """Windows of bucket_batches*batch_size cells, sorted by length, cut into batches whose
-        order is then shuffled (so long and short batches alternate)."""
-        rng = np.random.default_rng([self.seed, 2, self.rank])
-        window = self.batch_size * self.bucket_batches
-        stream = self._shuffled()
-        while True:
-            cells = []
-            for epoch, sample in itertools.islice(stream, window):
-                ids = np.load(io.BytesIO(sample["input_ids.npy"]))[: self.max_length]
-                cells.append((epoch, sample, ids))
-            cells.sort(key=lambda c: len(c[2]))
-            batches = [cells[i:i + self.batch_size] for i in range(0, window, self.batch_size)]
-            for j in rng.permutation(len(batches)):
-                yield batches[j]
+    def identity(self) -> dict:
+        """What a saved position is only valid for."""
+        return {"format": STREAM_FORMAT, "shards": [Path(s).name for s in self.shards], "rank": self.rank,
+                "world": self.world, "seed": self.seed, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "bucket_batches": self.bucket_batches,
+                "max_length": self.max_length, "open_shards": self.open_shards, "require_text": self.require_text}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         # DataLoader takes batch k of its output from worker k % nw, starting at worker 0; so
-        # worker w owns global batch g when (g - start) % nw == w.
-        for g, cells in enumerate(self._batches()):
-            if g >= self.start_batch and (g - self.start_batch) % nw == wid:
-                yield self._collate(cells)
+        # worker w owns batch g of this iterator's output when (g - start) % nw == w.
+        if self.resume is None:
+            windows, skip, start = self._windows(None), 0, self.start_batch
+        else:
+            windows, skip, start = self._windows(self.resume["window"]), self.resume["consumed"], 0
+        g = 0
+        for state, batches in windows:
+            first = True
+            for k, cells in enumerate(batches):
+                if k < skip:
+                    continue
+                if g >= start and (g - start) % nw == wid:
+                    batch = self._collate(cells)
+                    batch["stream_batch"] = k
+                    batch["stream_window"] = json.dumps(state) if first else ""
+                    yield batch
+                first = first and g < start
+                g += 1
+            skip = 0
+
+    def _windows(self, state: dict | None):
+        """(state where the window began, its batches): windows of bucket_batches*batch_size
+        cells, sorted by length, cut into batches whose order is then shuffled (so long and
+        short batches alternate)."""
+        source = _SampleSource(self, state["source"] if state else None)
+        if state:
+            buffer = [(epoch, (shard, offset), _read_sample(self.shards[shard], offset))
+                      for epoch, shard, offset in state["buffer"]]
+            shuffle_rng, batch_rng = _rng(state["shuffle_rng"]), _rng(state["batch_rng"])
+        else:
+            buffer, shuffle_rng, batch_rng = [], np.random.default_rng([self.seed, 1, self.rank]), \
+                np.random.default_rng([self.seed, 2, self.rank])
+        window = self.batch_size * self.bucket_batches
+        while True:
+            state = {"stream": self.identity(), "source": source.state(),
+                     "buffer": [[epoch, shard, offset] for epoch, (shard, offset), _ in buffer],
+                     "shuffle_rng": shuffle_rng.bit_generator.state, "batch_rng": batch_rng.bit_generator.state}
+            cells = []
+            while len(cells) < window:
+                item = source.next()
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                i = int(shuffle_rng.integers(len(buffer)))
+                buffer[i], item = item, buffer[i]
+                epoch, _, sample = item
+                cells.append((epoch, sample, np.load(io.BytesIO(sample["input_ids.npy"]))[: self.max_length]))
+            cells.sort(key=lambda c: len(c[2]))
+            batches = [cells[i:i + self.batch_size] for i in range(0, window, self.batch_size)]
+            yield state, [batches[j] for j in batch_rng.permutation(len(batches))]
 
     def _collate(self, cells) -> dict:
         lengths = [len(ids) for _, _, ids in cells]
@@ -244,3 +250,90 @@ class CellStream(torch.utils.data.IterableDataset):
                 "has_text": index >= 0, "text_index": index.clamp(min=0),
                 "term_codes": torch.tensor(codes, dtype=torch.long),
                 "text_aspects": torch.tensor(mentioned, dtype=torch.bool)}
+
+
+def _short(value) -> str:
+    return f"{len(value)} shards" if isinstance(value, list) else repr(value)
+
+
+def _rng(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
+
+
+def _read_sample(path: str, offset: int) -> dict:
+    from pretrain.tar_reader import read_sample_at
+    try:
+        return read_sample_at(path, offset)
+    except (OSError, ValueError, tarfile.TarError) as exc:
+        raise LangCellError(f"{path}: cannot read the sample at byte {offset} that the saved data stream "
+                            f"holds ({exc}); was the library rebuilt? resume against the library the run "
+                            "started with") from None
+
+
+class _SampleSource:
+    """This rank's samples, epoch after epoch: shards permuted per epoch with the seed,
+    `open_shards` of them read at once, each next sample from one of them at random (a
+    finished shard replaced by the next in order). With fewer shards than ranks, every rank
+    reads all shards and keeps every world-th cell. `state()` is where it stands; a source
+    built from that state goes on exactly from there."""
+
+    def __init__(self, stream: CellStream, state: dict | None):
+        self.s = stream
+        self._start_epoch(state["epoch"] if state else 0, state)
+
+    def _start_epoch(self, epoch: int, state: dict | None = None) -> None:
+        from pretrain.tar_reader import ShardReader
+        s = self.s
+        self.epoch = epoch
+        order = np.random.default_rng([s.seed, epoch]).permutation(len(s.shards))
+        self.by_shard = len(order) >= s.world
+        self.mine = [int(i) for i in (order[s.rank::s.world] if self.by_shard else order)]
+        if state is None:
+            # One interleaving for all ranks: when they share shards, they split its cells by position.
+            self.rng = np.random.default_rng([s.seed, 4, epoch])
+            self.pending = min(s.open_shards, len(self.mine))
+            opened = [(j, 0) for j in range(self.pending)]
+            self.index = self.kept = 0
+        else:
+            self.rng = _rng(state["rng"])
+            self.pending, opened = state["pending"], state["readers"]
+            self.index, self.kept = state["index"], state["kept"]
+        self.readers = [(j, ShardReader(s.shards[self.mine[j]], offset)) for j, offset in opened]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pending": self.pending, "index": self.index, "kept": self.kept,
+                "readers": [[j, reader.position] for j, reader in self.readers],
+                "rng": self.rng.bit_generator.state}
+
+    def next(self) -> tuple[int, tuple[int, int], dict]:
+        """(epoch, (shard, byte offset), sample)."""
+        from pretrain.tar_reader import ShardReader
+        s = self.s
+        while True:
+            if not self.readers:
+                if self.kept == 0:  # an endless loop over empty shards would hang every rank
+                    first = s.shards[self.mine[0]] if self.mine else "shards"
+                    raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells; use fewer ranks or "
+                                        "a library with more cells")
+                self._start_epoch(self.epoch + 1)
+                continue
+            i = int(self.rng.integers(len(self.readers)))
+            j, reader = self.readers[i]
+            got = reader.read()
+            if got is None:
+                if self.pending < len(self.mine):
+                    self.readers[i] = (self.pending, ShardReader(s.shards[self.mine[self.pending]]))
+                    self.pending += 1
+                else:
+                    self.readers.pop(i)
+                continue
+            offset, sample = got
+            if s.require_text and not json.loads(sample["texts.json"]):
+                continue
+            keep = self.by_shard or self.index % s.world == s.rank
+            self.index += 1
+            if keep:
+                self.kept += 1
+                return self.epoch, (self.mine[j], offset), sample

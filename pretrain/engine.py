@@ -3,7 +3,8 @@
     RUN/run.json                 model config, pretrain config, library path (written once)
     RUN/vocab/ RUN/tokenizer/    the gene vocabulary and text tokenizer the run trains with
     RUN/text_bert_config.json    the text encoder's shape, so export needs no hub access
-    RUN/stage{1,2}/checkpoints/  DeepSpeed checkpoints (tags stepNNNNNNN, `latest`)
+    RUN/stage{1,2}/checkpoints/  DeepSpeed checkpoints (tags stepNNNNNNN, `latest`), each with
+                                 stream_rankNNNNN.json per rank (where its data stream stood)
     RUN/stage{1,2}/metrics.jsonl one line per logged step; RUN/stage{n}/tb/ TensorBoard
     RUN/stage1/final_model.pt    consolidated fp32 weights that stage 2 starts from
     RUN/stage{n}/done.json       written when the stage has run all its steps
@@ -11,7 +12,10 @@
 Determinism: the batch of (rank, micro-step) is fixed by the data stream (see data.py) and
 every random draw of a micro-step (masking, dropout, hard negatives) comes from the global
 RNG seeded with (seed, stage, step, micro-step, rank); a resumed run therefore repeats the
-losses of an uninterrupted one.
+losses of an uninterrupted one. Each checkpoint holds every rank's stream position
+(`stream_rankNNNNN.json`: shard order, open shards and byte offsets, the shuffle buffer as
+(shard, offset) references, RNG states, the batch within its window), so resuming reads the
+shuffle buffer and one window again, whatever the step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json
+from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
 from pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
 from pretrain.flops import batch_shapes, step_flops
 
@@ -75,6 +79,11 @@ def load_deepspeed_config(name_or_path: str, on_gpu: bool) -> dict:
     if "optimizer" in cfg or "scheduler" in cfg:
         raise LangCellError(f"{path}: 'optimizer'/'scheduler' are set by configs/pretrain (lr, warmup); "
                             "remove them from the DeepSpeed config")
+    batching = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                            "gradient_clipping") if k in cfg]
+    if batching:
+        raise LangCellError(f"{path}: {', '.join(batching)} are set by configs/pretrain (micro_batch_size, "
+                            "grad_accum_steps, grad_clip); remove them from the DeepSpeed config")
     bf16 = cfg.setdefault("bf16", {})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = on_gpu
@@ -268,16 +277,23 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum_steps * world, gradient_clipping=cfg.grad_clip,
               zero_allow_untested_optimizer=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        _report_partitioning(engine, rank, world)
 
-    step = 0
+    step, resume = 0, None
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
+        resume = _load_stream_position(ckpt_dir, rank, world)
     metrics_path = sdir / "metrics.jsonl"
     if rank == 0:
         _truncate_metrics(metrics_path, step)
     if step >= stage_cfg.max_steps:
-        return read_json(sdir / "done.json", "stage summary") if (sdir / "done.json").is_file() else {"step": step}
+        if (sdir / "done.json").is_file():
+            return read_json(sdir / "done.json", "stage summary")
+        # Killed after its last checkpoint but before finishing: finish it now, or stage 2 never starts.
+        logged = _read_metrics(metrics_path) if rank == 0 else []
+        return _finish_stage(ckpt_dir, run, sdir, stage, rank, logged[-1] if logged else {"step": step})
 
     loader = torch.utils.data.DataLoader(
         # Stage 2 reads its own order of the library, not stage 1's again from the start.
@@ -286,7 +302,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
                    with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
-                   start_batch=step * cfg.grad_accum_steps,
+                   resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
                    open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
@@ -300,6 +316,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     engine.train()
     device = engine.device
     summary = {}
+    stream_position = None
     window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0, "time": 0.0}
     while step < stage_cfg.max_steps:
         t0 = time.perf_counter()
@@ -307,6 +324,9 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         counts = torch.zeros(4, dtype=torch.float64)
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
+            began, consumed = batch.pop("stream_window"), batch.pop("stream_batch") + 1
+            stream_position = {"window": json.loads(began) if began else stream_position["window"],
+                               "consumed": consumed}
             flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim,
                                batch_shapes(batch, stage, stage_cfg.losses, cfg.mask_prob))
             counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item(),
@@ -354,11 +374,17 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                     if isinstance(v, float):
                         writer.add_scalar(f"stage{stage}/{k}", v, step)
         if step % cfg.checkpoint_every == 0 or step == stage_cfg.max_steps:
-            _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints)
+            _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints, stream_position)
     bar.close()
     if writer is not None:
         writer.close()
     del batches, loader
+    return _finish_stage(ckpt_dir, run, sdir, stage, rank, summary)
+
+
+def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, summary: dict) -> dict:
+    """Stage 1's consolidated weights (what stage 2 starts from), then done.json."""
+    import torch
     if rank == 0:
         if stage == 1:
             state = consolidated_state_dict(ckpt_dir)
@@ -369,8 +395,22 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     return summary
 
 
+def _report_partitioning(engine, rank: int, world: int) -> None:
+    """What ZeRO-3 actually partitioned: tensors at or below `stage3_param_persistence_threshold`
+    stay whole on every rank, which for a small model can be nearly all of them."""
+    params = list(engine.module.parameters())
+    persistent = [p for p in params if p.ds_persist]
+    kept = sum(p.ds_numel for p in persistent) + sum(p.ds_tensor.numel() for p in params if not p.ds_persist)
+    total = sum(p.ds_numel for p in params)
+    print(f"langcell pretrain: rank {rank}: ZeRO-3 partitions {len(params) - len(persistent)} of {len(params)} "
+          f"parameter tensors over {world} ranks; this rank keeps {kept} of {total} elements", flush=True)
+
+
 def _seed(seed: int, stage: int, step: int, micro: int, rank: int) -> int:
-    return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 10_007 + micro * 1_009 + rank
+    """A 63-bit seed per micro-step and rank: hashed, since any arithmetic mix of unbounded
+    fields either overflows torch's 64-bit seed or makes two (step, micro, rank) collide."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, stage, step, micro, rank]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _temperature(engine) -> float:
@@ -381,14 +421,42 @@ def _temperature(engine) -> float:
         return float(1.0 / torch.exp(p.detach().float().clamp(max=4.6052)))
 
 
-def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+def _stream_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    return ckpt_dir / tag / f"stream_rank{rank:05d}.json"
+
+
+def _load_stream_position(ckpt_dir: Path, rank: int, world: int) -> dict | None:
+    """Where this rank's data stream stood at the latest checkpoint, or None (a checkpoint from
+    before positions were saved: the stream is then replayed from its start, which every rank
+    decides alike)."""
     import torch
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state={"step": step})
+    path = _stream_file(ckpt_dir, (ckpt_dir / "latest").read_text().strip(), rank)
+    found = torch.tensor([int(path.is_file())], device=_collective_device())
+    torch.distributed.all_reduce(found)
+    if found.item() == world:
+        return {**read_json(path, "data stream position"), "file": str(path)}
+    if rank == 0:
+        print(f"langcell pretrain: {path.parent} holds no data stream position for every rank; replaying the "
+              "stream up to the checkpoint (slow at late steps)")
+    return None
+
+
+def _save(engine, ckpt_dir: Path, step: int, rank: int, keep: int, stream_position: dict) -> None:
+    import torch
+    tag = f"step{step:07d}"
+    # Before DeepSpeed writes `latest`: a checkpoint that `latest` names always has every rank's position.
+    atomic_write_bytes(_stream_file(ckpt_dir, tag, rank), json.dumps(stream_position).encode())
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     torch.distributed.barrier()
     if rank == 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

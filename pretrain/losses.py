@@ -1,7 +1,8 @@
 """The four pre-training objectives, written small and explicit (open_clip/BLIP style).
 
 Distributed contrast: every rank gathers the embeddings of all ranks *with* gradients (the
-functional all-gather, whose backward sums the gradient slices back to their owners) and scores
+functional all-gather where torch makes it differentiable, else a small autograd function over
+the public collectives; either backward sums the gradient slices back to their owners) and scores
 its own rows against the global batch. A rank's loss is the sum over its rows divided by the
 global number of rows times the world size; DeepSpeed averages gradients over ranks, so the
 update equals the one a single process would make on the concatenated batch (tests check value
@@ -30,13 +31,45 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _functional_gather_has_autograd() -> bool:
+    """Whether torch's functional all-gather is differentiable. It is from torch 2.13 (and exists
+    without autograd before it, where its gradient would silently stay on the local slice)."""
+    try:
+        import torch.distributed._functional_collectives  # noqa: F401  registers the ops
+        return torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_gather_into_tensor",
+                                                               "Autograd")
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather over the world group with the adjoint as backward, from public collectives only,
+    so it runs on every torch `pyproject.toml` allows and every backend (gloo has no
+    reduce-scatter on older torch: the backward sums the whole gradient and keeps its own slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        rows = grad.shape[0] // torch.distributed.get_world_size()
+        return grad.narrow(0, torch.distributed.get_rank() * rows, rows)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, world = _world()
     if world == 1:
         return x
-    # The functional all-gather is differentiable: its backward reduce-scatters (sums) the
-    # gradient of the gathered tensor back to the rank that owns each slice. (torch 2.13
-    # deprecates torch.distributed.nn.all_gather in its favour.)
+    if not _functional_gather_has_autograd():
+        return _AllGather.apply(x.contiguous())
+    # The functional all-gather's backward reduce-scatters (sums) the gradient of the gathered
+    # tensor back to the rank that owns each slice. (torch 2.13 deprecates
+    # torch.distributed.nn.all_gather in its favour.)
     from torch.distributed._functional_collectives import all_gather_single, wait_tensor
     return wait_tensor(all_gather_single(x.contiguous(), 0, torch.distributed.group.WORLD))
 

@@ -223,3 +223,19 @@ def test_sigkill_mid_build_then_resume_equals_clean_build(tmp_path):
                             progress=False)
     assert resumed["splits"] == clean["splits"]
     assert not list((tmp_path / "lib").rglob(".*.tmp"))
+
+
+def test_an_empty_split_loads_as_an_empty_dataset_and_the_build_says_so(tmp_path, capsys):
+    """Two datasets split by dataset: one trains, one validates, nothing is left to test."""
+    from langcell.cli import main
+    write_ingest(tmp_path / "ingest", n_cells=60, n_parts=1, n_datasets=2)
+    assert main(["build", "--ingest", str(tmp_path / "ingest"), "--out", str(tmp_path / "lib"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "test 0 cells" in out
+    assert "split test has no cells: no shards, and hf/test is an empty dataset" in out
+    manifest = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    assert manifest["splits"]["test"]["n_cells"] == 0 and manifest["splits"]["test"]["shards"] == []
+    test = datasets.load_from_disk(str(tmp_path / "lib" / "hf" / "test"))
+    train = datasets.load_from_disk(str(tmp_path / "lib" / "hf" / "train"))
+    assert test.num_rows == 0 and train.num_rows == manifest["splits"]["train"]["n_cells"] > 0
+    assert test.features == train.features

@@ -1,23 +1,28 @@
-"""The shard stream: deterministic, split across ranks, independent of worker count, skippable."""
+"""The shard stream: deterministic, split across ranks, independent of worker count, resumable from a saved position."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
+import pytest
 import torch
 
+from langcell.errors import LangCellError
 from pretrain.config import TextChoiceConfig
 from pretrain.data import CellStream, choose_text, library_shards
 from pretrain.model import resolve_text_model_path
 from pretrain.synthetic import write_synthetic_library
+from pretrain.tar_reader import ShardReader
+
+
+_STREAM = dict(rank=0, world=1, seed=7, batch_size=8, shuffle_buffer=16, bucket_batches=4, max_length=128,
+               with_text=False)
 
 
 def _stream(lib, **kw):
-    args = dict(rank=0, world=1, seed=7, batch_size=8, shuffle_buffer=16, bucket_batches=4, max_length=128,
-                with_text=False)
-    args.update(kw)
-    return CellStream([p for p, _ in library_shards(lib)], **args)
+    return CellStream([p for p, _ in library_shards(lib)], **{**_STREAM, **kw})
 
 
 def _take(dataset, n, workers=0):
@@ -115,3 +120,56 @@ def test_open_shards_mix_cells_of_several_shards_into_a_batch(tmp_path):
     # Still every cell once per epoch.
     ids = sum((b["soma_joinid"].tolist() for b in _take(_stream(lib, shuffle_buffer=1, open_shards=4), 32)), [])
     assert sorted(ids) == list(range(256))
+
+
+def _positions(batches):
+    """The resume position after each batch, as the trainer keeps it."""
+    window, out = None, []
+    for b in batches:
+        window = json.loads(b["stream_window"]) if b["stream_window"] else window
+        out.append({"window": window, "consumed": b["stream_batch"] + 1})
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(open_shards=2), dict(open_shards=1, require_text=True, rank=1, world=2)])
+def test_resume_from_a_saved_position_is_exact_and_costs_the_same_at_any_step(tmp_path, monkeypatch, kw):
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=96, n_shards=4, vocab_size=600, min_len=12, max_len=64,
+                                  unlabelled_every=3)
+    reads = []
+    read = ShardReader.read
+
+    def counted(self):
+        got = read(self)
+        reads.append(got is not None)
+        return got
+    monkeypatch.setattr(ShardReader, "read", counted)
+
+    full = _take(_stream(lib, **kw), 40)  # more than 3 epochs of this rank's cells
+    ids = [b["soma_joinid"].tolist() for b in full]
+    positions = _positions(full)
+    cost = {}
+    for g in (1, 6, 13, 27, 39):
+        position = json.loads(json.dumps(positions[g - 1]))  # as it comes back from the checkpoint file
+        reads.clear()
+        resumed = iter(torch.utils.data.DataLoader(_stream(lib, resume=position, **kw), batch_size=None))
+        first = next(resumed)
+        cost[g] = sum(reads)
+        rest = [first] + list(itertools.islice(resumed, 40 - g - 1))
+        assert [b["soma_joinid"].tolist() for b in rest] == ids[g:], g
+        assert _positions(rest) == positions[g:], g
+    # The shuffle buffer (16 cells) and one window (4 batches of 8) are read again, never the stream
+    # so far (with require_text, a third of the cells read are textless and skipped).
+    assert max(cost.values()) <= (16 + 32) * (1.5 if kw.get("require_text") else 1), cost
+    reads.clear()
+    assert [b["soma_joinid"].tolist() for b in _take(_stream(lib, start_batch=39, **kw), 1)] == ids[39:]
+    assert sum(reads) > 4 * max(cost.values())  # what replaying the stream costs at batch 39
+    assert [b["soma_joinid"].tolist() for b in _take(_stream(lib, resume=positions[26], **kw), 5, workers=2)] \
+        == ids[27:32]
+
+
+def test_a_position_from_another_configuration_is_refused(tmp_path):
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=32, n_shards=2, vocab_size=600, min_len=12, max_len=64)
+    position = {**_positions(_take(_stream(lib), 2))[-1], "file": "stream_rank00000.json"}
+    with pytest.raises(LangCellError, match=r"^stream_rank00000.json: the run's data stream has changed since "
+                                            r"\(shards 2 shards -> 1 shards, batch_size 8 -> 4\); resume with"):
+        CellStream([library_shards(lib)[0][0]], **{**_STREAM, "batch_size": 4, "resume": position})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,23 +128,94 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
     r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(full), "--stage", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
 
-    cmd = [sys.executable, "-m", "langcell.cli", "pretrain", "--config", str(cfg), "--data", str(lib),
+    # The killed run loads with 2 workers: positions come back through them, and the losses may not
+    # depend on the worker count.
+    workers = tmp_path / "workers.yaml"
+    _edit(cfg, lambda d: d["data"].update(num_workers=2))
+    cfg.rename(workers)
+    cmd = [sys.executable, "-m", "langcell.cli", "pretrain", "--config", str(workers), "--data", str(lib),
            "--out", str(killed), "--stage", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     latest = killed / "stage1" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers, as a job scheduler kills them
     proc.wait()
     assert not (killed / "stage1" / "done.json").exists(), "the run finished before it could be killed"
     resumed_from = int(latest.read_text().strip()[4:])
     assert resumed_from < 40
-    r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(killed), "--stage", "1"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    # The checkpoint holds where the data stream stood: resuming does not replay it. A checkpoint
+    # without it (written before positions were saved) replays the stream to the same place.
+    position = latest.parent / latest.read_text().strip() / "stream_rank00000.json"
+    assert position.is_file()
+    shutil.copytree(killed, tmp_path / "old")
+    (tmp_path / "old" / position.relative_to(killed)).unlink()
+    for folder, replays in ((killed, False), (tmp_path / "old", True)):
+        r = run_cli(["pretrain", "--config", str(workers), "--data", str(lib), "--out", str(folder), "--stage", "1"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("replaying the stream" in r.stdout + r.stderr) == replays
 
-    a, b = read_metrics(full / "stage1" / "metrics.jsonl"), read_metrics(killed / "stage1" / "metrics.jsonl")
-    assert [m["step"] for m in b] == list(range(1, 41))
-    for x, y in zip(a[resumed_from:], b[resumed_from:]):
-        for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
-            assert abs(x[key] - y[key]) < 1e-6, (x["step"], key, x[key], y[key])
+    a = read_metrics(full / "stage1" / "metrics.jsonl")
+    for folder in (killed, tmp_path / "old"):
+        b = read_metrics(folder / "stage1" / "metrics.jsonl")
+        assert [m["step"] for m in b] == list(range(1, 41))
+        for x, y in zip(a[resumed_from:], b[resumed_from:]):
+            for key in ("loss", "mlm", "cell_cell", "lr", "padding_share"):
+                assert abs(x[key] - y[key]) < 1e-6, (folder.name, x["step"], key, x[key], y[key])
+
+
+def test_micro_step_seeds_fit_torch_and_never_collide():
+    from pretrain.engine import _seed
+    seeds = {_seed(s, stage, step, micro, rank) for s in (0, 1844, 2**63 - 1) for stage in (1, 2)
+             for step in (0, 1, 10**6) for micro in range(12) for rank in (0, 83, 1009)}
+    assert len(seeds) == 3 * 2 * 3 * 12 * 3  # an arithmetic mix made (step 0, micro 10) == (step 1, rank 83)
+    for s in seeds:
+        torch.manual_seed(s)
+    assert _seed(1844, 1, 0, 0, 0) == _seed(1844, 1, 0, 0, 0)
+
+
+def test_seed_out_of_range_refused(setup):
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d.update(seed=-1))
+    with pytest.raises(LangCellError, match="seed -1 is out of range"):
+        pretrain(cfg, lib, tmp / "run", 1)
+
+
+def test_batching_has_one_source(setup):
+    """Accumulation and clipping come from configs/pretrain; a DeepSpeed config cannot set them too."""
+    from pretrain.config import load_pretrain_config
+    tmp, lib, cfg = setup
+    ds = tmp / "clip.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5,
+                              "gradient_accumulation_steps": 4}))
+    with pytest.raises(LangCellError, match="gradient_accumulation_steps, gradient_clipping are set by configs/pretrain"):
+        pretrain(cfg, lib, tmp / "run", 1, deepspeed_config=str(ds))
+    # bf16 is the DeepSpeed config's alone ("auto"); the pretrain key that said it is gone.
+    _edit(cfg, lambda d: d.update(bf16_on_gpu=True))
+    with pytest.raises(LangCellError, match="bf16_on_gpu"):
+        load_pretrain_config(cfg)
+    for name in ("base", "demo", "tiny"):
+        load_pretrain_config(name)
+
+
+def test_a_stage_killed_before_done_json_is_finished_by_resume(setup, one_thread):
+    """Killed after the last checkpoint but before final_model.pt and done.json: stage 2 would
+    refuse to start for ever; rerunning stage 1 finishes it without training."""
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d["stage1"].update(max_steps=2))
+    run = tmp / "run"
+    summary = pretrain(cfg, lib, run, 1)
+    assert summary["step"] == 2
+    final = torch.load(run / "stage1" / "final_model.pt")
+    (run / "stage1" / "done.json").unlink()
+    (run / "stage1" / "final_model.pt").unlink()
+    metrics = (run / "stage1" / "metrics.jsonl").read_text()
+    with pytest.raises(LangCellError, match="stage 1 has not finished"):
+        pretrain(cfg, lib, run, 2)
+    assert pretrain(cfg, lib, run, 1) == summary
+    assert json.loads((run / "stage1" / "done.json").read_text()) == summary
+    again = torch.load(run / "stage1" / "final_model.pt")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+    assert (run / "stage1" / "metrics.jsonl").read_text() == metrics  # nothing trained again

@@ -383,8 +383,9 @@ def test_bad_arguments(store, tmp_path):
         ingest_census(tmp_path / "o", uri=store, cells_per_part=0)
 
 
-def test_row_major_fast_path_equals_general_path():
-    """Row-major entries (every run a whole row) and the counting sort (any order) build the same
+def test_row_major_tiled_and_general_paths_build_the_same_rows():
+    """Row-major entries (every run a whole row), tile order (a cell's runs, one per tile of
+    genes, apart: the Census' square tiles) and the counting sort (any order) build the same
     rows from the same entries, however TileDB cuts them into batches: explicit zeros, empty
     cells, a cell split across batches and a gene filter included."""
     from ingest.census import _build_chunk
@@ -397,14 +398,17 @@ def test_row_major_fast_path_equals_general_path():
     counts = dense[cells, genes].astype(np.float32)
     counts[::11] = 0  # explicit zeros
     keep = np.where(np.arange(40) % 3 == 0, -1, np.cumsum(np.arange(40) % 3 != 0) - 1).astype(np.int64)
+    # Tiles of 64 cells x 16 genes in row-major tile order, entries row-major inside a tile.
+    tiled = np.lexsort((genes, cells, genes // 16, cells // 64))
     tables = []
-    for order, batch in ((np.arange(cells.size), None), (np.arange(cells.size), 7),
+    for order, batch in ((np.arange(cells.size), None), (np.arange(cells.size), 7), (tiled, None), (tiled, 9),
                          (rng.permutation(cells.size), None), (rng.permutation(cells.size), 100)):
         entries = list(zip(joinids[cells[order]], genes[order], counts[order]))
         source, obs, rows, _, schema = _chunk_inputs(joinids, entries, batch)
-        tables.append((rows.row_major, _build_chunk(source, joinids, obs, rows, keep, schema, []).to_pydict()))
+        path = "rows" if rows.row_major else "tiles" if rows.whole_rows() is not None else "general"
+        tables.append((path, _build_chunk(source, joinids, obs, rows, keep, schema, []).to_pydict()))
         assert rows.explicit_zeros == np.count_nonzero(counts == 0)
-    assert [row_major for row_major, _ in tables] == [True, True, False, False]
+    assert [path for path, _ in tables] == ["rows", "rows", "tiles", "tiles", "general", "general"]
     assert all(table == tables[0][1] for _, table in tables)
     fast = tables[0][1]
     assert len(fast["soma_joinid"]) < 300 and max(max(g) for g in fast["gene_index"]) < keep.max() + 1

@@ -161,6 +161,7 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
             obs_columns = _check_schema(experiment, source, organism)
             joinids = _plan_joinids(experiment, source, obs_filter, max_cells)
             genes, keep_map = _genes(experiment, source, var_filter)
+            summary = _census_summary(census)
         # The big joinid array is only needed for the plan; parts re-derive their own cells.
         plan, parts = _make_plan(joinids, cells_per_part)
         del joinids
@@ -177,6 +178,7 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
             parts = parts[shard[0]::shard[1]]
         manifest_path = out / (_shard_manifest_name(*shard) if shard else "manifest.json")
         manifest = _start_manifest(manifest_path, identity, parts, shard)
+        manifest["census_summary"] = summary
         _remove_stale_temporaries(out, manifest["parts"])
         atomic_write_json(manifest_path, manifest)
 
@@ -227,6 +229,7 @@ def merge_shards(out: str | os.PathLike) -> dict[str, Any]:
         parts = sorted((part for m in manifests for part in m["parts"]), key=lambda p: p["name"])
         _verify_parts(out, first, parts)
         merged = {key: first[key] for key in IDENTITY_KEYS}
+        merged["census_summary"] = first.get("census_summary", {})
         merged["parts"] = parts
         _finish(merged)
         atomic_write_json(out / "manifest.json", merged)
@@ -309,6 +312,21 @@ def _experiment(census, source: Source, organism: str):
                             "and X layer 'raw'; pass a store laid out like the Census or another "
                             "--organism") from None
     return experiment
+
+
+# Of census_info/summary: what the release is; `langcell ingest ontologies` takes the ontology
+# versions of its CELLxGENE schema (`dataset_schema_version`).
+SUMMARY_LABELS = ("census_schema_version", "census_build_date", "dataset_schema_version")
+
+
+def _census_summary(census) -> dict[str, str]:
+    """The release's SUMMARY_LABELS where its census_info/summary has them (a local store may not)."""
+    try:
+        table = census["census_info"]["summary"].read().concat().to_pydict()
+    except Exception:  # no census_info in the store: nothing to say about the release
+        return {}
+    values = dict(zip(table.get("label", []), table.get("value", [])))
+    return {label: str(values[label]) for label in SUMMARY_LABELS if label in values}
 
 
 def _check_schema(experiment, source: Source, organism: str) -> list[str]:

@@ -51,14 +51,19 @@ def _add_store_commands(commands) -> None:
         "ontologies", help="resolve the ontology terms of ingested cells (and their ancestors)",
         description="Read every *_ontology_term_id of INGEST/cells/*.parquet and write INGEST/ontology/terms.parquet "
                     "(label, definition, synonyms, parents, ancestors of each term and all its ancestors) and "
-                    "INGEST/ontology/unresolved.json (ids no ontology holds, with cell counts).")
+                    "INGEST/ontology/unresolved.json (ids no ontology resolves, with cell counts and why; the ontology "
+                    "versions used; obsolete terms and the replacements followed; references to undeclared terms; "
+                    "ontologies that could not be loaded).")
     onto.add_argument("--ingest", required=True, metavar="INGEST", help="the --out folder of `langcell ingest census`")
     onto.add_argument("--source", choices=("guide", "obo"), default="guide",
-                      help="guide: the ontologies shipped by cellxgene-ontology-guide (offline, the Census's "
-                           "versions); obo: OBO/OWL files or URLs parsed with pronto (default %(default)s)")
-    onto.add_argument("--obo", nargs="+", default=None, metavar="FILE_OR_URL",
-                      help="with --source obo: ontology files or URLs (default: the OBO Foundry PURLs of CL, "
-                           "UBERON, MONDO, PATO, HsapDv, MmusDv, HANCESTRO and EFO; needs the network)")
+                      help="guide: the ontologies shipped by cellxgene-ontology-guide (offline), in the versions of "
+                           "the CELLxGENE schema the ingested Census release names where the guide has them, else "
+                           "the newest it ships (unresolved.json says which); obo: one OBO/OWL file or URL per "
+                           "ontology, parsed with pronto (default %(default)s)")
+    onto.add_argument("--ontology-file", action="append", default=None, metavar="PREFIX=FILE_OR_URL",
+                      help="with --source obo, repeatable: the file or URL of the ontology of ids with this prefix, "
+                           "e.g. CL=cl.obo, EFO=efo.owl (default: the OBO Foundry PURLs of CL, UBERON, MONDO, PATO, "
+                           "HsapDv, MmusDv, HANCESTRO and EFO; needs the network)")
     onto.set_defaults(handler=_run_ontologies)
 
 
@@ -93,14 +98,11 @@ def _run_ontologies(args) -> int:
 
     from ingest.ontology import ingest_ontologies
 
-    if args.obo and args.source != "obo":
-        from langcell.errors import LangCellError
-
-        raise LangCellError("--obo: only used with --source obo; add --source obo or drop --obo")
     logging.basicConfig(level=logging.WARNING, format="langcell ingest ontologies: warning: %(message)s")
-    result = ingest_ontologies(args.ingest, source=args.source, obo=args.obo)
+    result = ingest_ontologies(args.ingest, source=args.source, ontology_files=args.ontology_file)
     print(f"{result.terms_path}: {result.n_terms} terms ({result.n_cell_terms} used by cells, the rest their "
-          f"ancestors); {len(result.unresolved)} unresolved ids listed in {result.unresolved_path}")
+          f"ancestors); {len(result.unresolved)} unresolved ids listed in {result.unresolved_path}, with the "
+          "ontology versions used")
     return 0
 
 

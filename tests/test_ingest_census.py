@@ -510,6 +510,9 @@ def test_census_layout_ingests_byte_identical_to_the_row_layout(layout_stores, t
                       chunk_counts=90_000, progress=False)
         digests[layout] = folder_digest(tmp_path / layout)
     assert digests["rows"] == digests["census"]
+    # The release's schema versions travel with the ingest (the ontology stage picks its versions by them).
+    manifest = json.loads((tmp_path / "census/manifest.json").read_text())
+    assert manifest["census_summary"] == {"census_schema_version": "2.1.0", "census_build_date": "synthetic"}
     cells = read_cells(tmp_path / "census")
     assert len(cells) == 2500 and [len(g) for g in cells["gene_index"]] == cells["nnz"].tolist()
     assert max(max(g) for g in cells["gene_index"]) >= 2048  # genes of the second tile column

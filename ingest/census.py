@@ -16,8 +16,9 @@ How a run works
    (each cell's count from obs `nnz`, which the Census carries; without it chunks are cut by cells
    only), so a chunk of Smart-seq cells with 10k genes each is as big in memory as one of 10x
    cells: obs rows and X `raw` for those joinids only. A read that fails with a TileDB/S3 error
-   is retried `--retries` times with exponential backoff (`ingest.retry`). TileDB returns a chunk's entries in small batches, each appended to reusable sparse-row
-   buffers by one compiled pass (`ingest.coo_rows`); the chunk is written as one parquet row
+   is retried `--retries` times with exponential backoff (`ingest.retry`). TileDB returns a
+   chunk's entries in small batches, each appended to reusable sparse-row buffers by one
+   compiled pass (`ingest.coo_rows`); the chunk is written as one parquet row
    group to a temporary file that is renamed to `cells/part-NNNNN.parquet` when complete. Only
    then does the manifest mark the part `done` with its sha256. Reading, encoding and finishing
    files overlap, also across parts (`_write_parts`). Memory follows the chunk size, never the
@@ -693,9 +694,7 @@ def _write_parts(experiment, task: _PartTask, parts: list[dict[str, Any]], advan
 def _chunk_plan(experiment, task: _PartTask, parts: list[dict[str, Any]]) -> Iterator[_Step]:
     for part in parts:
         joinids, nnz = _part_joinids(experiment, task, part)
-        bounds = chunk_bounds(nnz, task.chunk_cells, task.chunk_counts) if nnz is not None else \
-            range(0, joinids.size + 1, task.chunk_cells)
-        bounds = list(bounds) + ([joinids.size] if bounds[-1] != joinids.size else [])
+        bounds = chunk_bounds(nnz, task.chunk_cells, task.chunk_counts)
         for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             yield _Step(part, joinids[start:stop], number, start == 0, stop == joinids.size)
 
@@ -712,9 +711,9 @@ def chunk_bounds(nnz: np.ndarray, chunk_cells: int, chunk_counts: int) -> list[i
     return bounds
 
 
-def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The part's soma_joinids (ascending) and each cell's number of stored counts where obs has
-    the Census' `nnz` (None where it does not)."""
+    the Census' `nnz` (zeros where it does not: chunks are then cut by cells only)."""
     source = task.source
     columns = ["soma_joinid", "nnz"] if "nnz" in task.obs_columns else ["soma_joinid"]
 
@@ -730,7 +729,7 @@ def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> tuple[np
                             f"[{part['joinid_min']}, {part['joinid_max']}], the plan has {part['planned_rows']}; "
                             "the store changed since the plan was made, ingest into a new --out")
     if "nnz" not in columns:
-        return joinids, None
+        return joinids, np.zeros(joinids.size, np.int64)
     # A missing nnz says nothing about the cell's size: the --chunk-cells cap still holds.
     return joinids, np.maximum(found["nnz"].fill_null(0).to_numpy().astype(np.int64)[order], 0)
 

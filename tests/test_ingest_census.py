@@ -381,6 +381,12 @@ def test_bad_arguments(store, tmp_path):
         parse_shard("2/2")
     with pytest.raises(LangCellError, match="--cells-per-part 0: must be at least 1"):
         ingest_census(tmp_path / "o", uri=store, cells_per_part=0)
+    with pytest.raises(LangCellError, match="--chunk-counts 0: must be at least 1"):
+        ingest_census(tmp_path / "o", uri=store, chunk_counts=0)
+    with pytest.raises(LangCellError, match="--chunk-counts 2147483648: a parquet list column holds at most"):
+        ingest_census(tmp_path / "o", uri=store, chunk_counts=2 ** 31)
+    with pytest.raises(LangCellError, match="--retries -1: must be at least 0"):
+        ingest_census(tmp_path / "o", uri=store, retries=-1)
 
 
 def test_row_major_tiled_and_general_paths_build_the_same_rows():
@@ -566,6 +572,14 @@ def test_transient_read_errors_are_retried_to_an_identical_result(store, referen
     ingest_census(tmp_path / "out", uri=store, cells_per_part=60, chunk_cells=25, retries=2, progress=False)
     assert len(failed) == 4 and len(set(failed)) == 3
     assert folder_digest(tmp_path / "out") == folder_digest(reference)
+
+
+def test_reads_carry_tiledbs_own_s3_retries(store):
+    from ingest.census import Source, _open_handle
+
+    with _open_handle(Source(None, store)) as handle:
+        config = handle.context.tiledb_config
+    assert config["vfs.s3.connect_max_tries"] == "10" and config["vfs.s3.request_timeout_ms"] == "30000"
 
 
 def test_a_read_failing_past_its_retries_names_the_chunk(store, tmp_path, monkeypatch):

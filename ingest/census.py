@@ -12,9 +12,13 @@ How a run works
    [joinid_min, joinid_max]", so no list of joinids has to be stored.
 3. `genes.parquet` (genes passing `--var-filter`, in store order) and the manifest with every part
    `pending` are written before any cell is read.
-4. Each part is read in chunks of `--chunk-cells` cells (obs rows and X `raw` for those joinids
-   only). TileDB returns a chunk's entries in small batches, each appended to reusable sparse-row
-   buffers by one compiled pass (`ingest.coo_rows`); the chunk is written as one parquet row
+4. Each part is read in chunks of at most `--chunk-cells` cells and `--chunk-counts` counts
+   (each cell's count from obs `nnz`, which the Census carries; without it chunks are cut by cells
+   only), so a chunk of Smart-seq cells with 10k genes each is as big in memory as one of 10x
+   cells: obs rows and X `raw` for those joinids only. A read that fails with a TileDB/S3 error
+   is retried `--retries` times with exponential backoff (`ingest.retry`). TileDB returns a
+   chunk's entries in small batches, each appended to reusable sparse-row buffers by one
+   compiled pass (`ingest.coo_rows`); the chunk is written as one parquet row
    group to a temporary file that is renamed to `cells/part-NNNNN.parquet` when complete. Only
    then does the manifest mark the part `done` with its sha256. Reading, encoding and finishing
    files overlap, also across parts (`_write_parts`). Memory follows the chunk size, never the
@@ -26,7 +30,7 @@ Rerun the same command after a crash or a SIGKILL: parts that are `done`, presen
 sha256 matches are kept; every other part is rewritten from the store. Parquet is written
 deterministically (fixed schema, fixed compression, row groups at chunk boundaries, no pandas
 metadata), so a resumed folder is byte-identical to an uninterrupted run with the same
-`--chunk-cells`. A rerun with another source, organism, filter, `--max-cells` or
+`--chunk-cells` and `--chunk-counts`. A rerun with another source, organism, filter, `--max-cells` or
 `--cells-per-part`, or on a store whose content changed, is refused.
 
 Parallel runs and SLURM
@@ -62,6 +66,7 @@ import concurrent.futures.process
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -77,6 +82,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest import coo_rows
+from ingest.retry import DEFAULT_RETRIES, S3_RETRY_CONFIG, with_retries
 from langcell.errors import LangCellError
 from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 
@@ -84,6 +90,10 @@ FORMAT = "langcell-ingest/1"
 ORGANISMS = ("homo_sapiens", "mus_musculus")
 DEFAULT_OBS_FILTER = "is_primary_data == True"
 DEFAULT_CHUNK_CELLS = 20_000
+# 20,000 cells of 2,500 genes, the chunk whose memory BENCHMARKS.md measures; about 16 bytes a
+# count per chunk in flight (TileDB's results appended to int32 genes and float32 counts, the
+# copy into rows where the tiling needs it, the parquet encoding).
+DEFAULT_CHUNK_COUNTS = 50_000_000
 DEFAULT_CELLS_PER_PART = 100_000
 
 REQUIRED_OBS = (
@@ -105,7 +115,8 @@ IDENTITY_KEYS = ("format", "source", "organism", "obs_filter", "var_filter", "ma
 # the same pages back for every batch; and TileDB no longer gives freed memory back to the kernel
 # after each query. Otherwise a chunk's ~2 GB of result and tile buffers are fresh pages every time,
 # and faulting them in cost as much CPU as the read itself (see BENCHMARKS.md, Ingest).
-READ_CONFIG = {"soma.init_buffer_bytes": 16 << 20, "sm.mem.malloc_trim": "false"}
+# S3_RETRY_CONFIG: TileDB's own retries of S3 requests, below the per-chunk retries.
+READ_CONFIG = {"soma.init_buffer_bytes": 16 << 20, "sm.mem.malloc_trim": "false", **S3_RETRY_CONFIG}
 # Test hook: "EVENT:K" SIGKILLs the process the K-th time EVENT happens, so tests can kill a run
 # at exactly the moments that matter (mid-part, after a rename but before the manifest update).
 CRASH_ENV = "LANGCELL_INGEST_CRASH_AT"
@@ -130,8 +141,9 @@ class Source:
 def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, uri: str | None = None,
                   organism: str = "homo_sapiens", obs_filter: str = DEFAULT_OBS_FILTER,
                   var_filter: str | None = None, max_cells: int | None = None,
-                  chunk_cells: int = DEFAULT_CHUNK_CELLS, cells_per_part: int = DEFAULT_CELLS_PER_PART,
-                  workers: int = 1, shard: tuple[int, int] | None = None,
+                  chunk_cells: int = DEFAULT_CHUNK_CELLS, chunk_counts: int = DEFAULT_CHUNK_COUNTS,
+                  cells_per_part: int = DEFAULT_CELLS_PER_PART, workers: int = 1,
+                  shard: tuple[int, int] | None = None, retries: int = DEFAULT_RETRIES,
                   progress: bool = True) -> dict[str, Any]:
     """Ingest cells into `out` (resuming whatever a previous identical run finished); return the manifest.
 
@@ -139,7 +151,8 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
     takes parts i, i+n, ... and writes `manifest.shard-i-of-n.json`; `merge_shards(out)` then
     writes `manifest.json`.
     """
-    _check_arguments(census_version, uri, organism, max_cells, chunk_cells, cells_per_part, workers, shard)
+    _check_arguments(census_version, uri, organism, max_cells, chunk_cells, chunk_counts, cells_per_part, workers,
+                     shard, retries)
     out = Path(out)
     lock = output_lock(out) if shard is None else _shard_lock(out, *shard)
     with lock:
@@ -149,6 +162,7 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
             obs_columns = _check_schema(experiment, source, organism)
             joinids = _plan_joinids(experiment, source, obs_filter, max_cells)
             genes, keep_map = _genes(experiment, source, var_filter)
+            summary = _census_summary(census)
         # The big joinid array is only needed for the plan; parts re-derive their own cells.
         plan, parts = _make_plan(joinids, cells_per_part)
         del joinids
@@ -165,12 +179,14 @@ def ingest_census(out: str | os.PathLike, *, census_version: str | None = None, 
             parts = parts[shard[0]::shard[1]]
         manifest_path = out / (_shard_manifest_name(*shard) if shard else "manifest.json")
         manifest = _start_manifest(manifest_path, identity, parts, shard)
+        manifest["census_summary"] = summary
         _remove_stale_temporaries(out, manifest["parts"])
         atomic_write_json(manifest_path, manifest)
 
         pending = [part for part in manifest["parts"] if part["status"] != "done"]
         task = _PartTask(source=source, organism=organism, obs_filter=obs_filter, keep_map=keep_map,
-                         obs_columns=obs_columns, chunk_cells=chunk_cells, out=str(out))
+                         obs_columns=obs_columns, chunk_cells=chunk_cells, chunk_counts=chunk_counts,
+                         retries=retries, out=str(out))
         _run_parts(task, pending, manifest, manifest_path, workers, progress)
         _finish(manifest)
         atomic_write_json(manifest_path, manifest)
@@ -214,6 +230,7 @@ def merge_shards(out: str | os.PathLike) -> dict[str, Any]:
         parts = sorted((part for m in manifests for part in m["parts"]), key=lambda p: p["name"])
         _verify_parts(out, first, parts)
         merged = {key: first[key] for key in IDENTITY_KEYS}
+        merged["census_summary"] = first.get("census_summary", {})
         merged["parts"] = parts
         _finish(merged)
         atomic_write_json(out / "manifest.json", merged)
@@ -231,15 +248,21 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Opening the store and checking it
 # ---------------------------------------------------------------------------------------------
-def _check_arguments(census_version, uri, organism, max_cells, chunk_cells, cells_per_part, workers, shard):
+def _check_arguments(census_version, uri, organism, max_cells, chunk_cells, chunk_counts, cells_per_part, workers,
+                     shard, retries):
     if census_version is not None and uri is not None:
         raise LangCellError("--census-version and --uri both given; pass one source")
     if organism not in ORGANISMS:
         raise LangCellError(f"--organism {organism!r}: not a Census organism; use one of {', '.join(ORGANISMS)}")
-    for name, value in (("--chunk-cells", chunk_cells), ("--cells-per-part", cells_per_part),
-                        ("--workers", workers)):
+    for name, value in (("--chunk-cells", chunk_cells), ("--chunk-counts", chunk_counts),
+                        ("--cells-per-part", cells_per_part), ("--workers", workers)):
         if value < 1:
             raise LangCellError(f"{name} {value}: must be at least 1")
+    if chunk_counts > np.iinfo(np.int32).max:
+        raise LangCellError(f"--chunk-counts {chunk_counts}: a parquet list column holds at most 2**31 - 1 counts "
+                            "per row group; pass a smaller budget")
+    if retries < 0:
+        raise LangCellError(f"--retries {retries}: must be at least 0")
     if max_cells is not None and max_cells < 1:
         raise LangCellError(f"--max-cells {max_cells}: must be at least 1 (leave it out for all cells)")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
@@ -290,6 +313,21 @@ def _experiment(census, source: Source, organism: str):
                             "and X layer 'raw'; pass a store laid out like the Census or another "
                             "--organism") from None
     return experiment
+
+
+# Of census_info/summary: what the release is; `langcell ingest ontologies` takes the ontology
+# versions of its CELLxGENE schema (`dataset_schema_version`).
+SUMMARY_LABELS = ("census_schema_version", "census_build_date", "dataset_schema_version")
+
+
+def _census_summary(census) -> dict[str, str]:
+    """The release's SUMMARY_LABELS where its census_info/summary has them (a local store may not)."""
+    try:
+        table = census["census_info"]["summary"].read().concat().to_pydict()
+    except Exception:  # no census_info in the store: nothing to say about the release
+        return {}
+    values = dict(zip(table.get("label", []), table.get("value", [])))
+    return {label: str(values[label]) for label in SUMMARY_LABELS if label in values}
 
 
 def _check_schema(experiment, source: Source, organism: str) -> list[str]:
@@ -499,6 +537,8 @@ class _PartTask:
     keep_map: np.ndarray
     obs_columns: list[str]
     chunk_cells: int
+    chunk_counts: int
+    retries: int
     out: str
 
 
@@ -547,7 +587,7 @@ def _run_pool(task, pending, record, bar, workers) -> None:
             _drain(queue, bar)
         except concurrent.futures.process.BrokenProcessPool:
             raise LangCellError("ingest worker process died (killed, or out of memory); rerun the same command to "
-                                "resume, with a smaller --chunk-cells or fewer --workers if memory is short") from None
+                                "resume, with a smaller --chunk-counts or fewer --workers if memory is short") from None
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -590,6 +630,7 @@ def _row_buffers() -> list[coo_rows.RowBuffers]:
 class _Step:
     part: dict[str, Any]
     joinids: np.ndarray
+    number: int  # of the chunk within its part
     first: bool
     last: bool
 
@@ -616,8 +657,11 @@ def _write_parts(experiment, task: _PartTask, parts: list[dict[str, Any]], advan
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as lanes, concurrent.futures.ThreadPoolExecutor(1) as finisher:
             def read(step: _Step, number: int):
-                return lanes.submit(_read_chunk, experiment, X, source, step.joinids, task.obs_columns,
-                                    task.keep_map.size, buffers[number % len(buffers)])
+                what = (f"{source.describe()}: chunk {step.number} of {step.part['name']} ({step.joinids.size} "
+                        f"cells, soma_joinid {step.joinids[0]}..{step.joinids[-1]})")
+                return lanes.submit(with_retries, functools.partial(
+                    _read_chunk, experiment, X, source, step.joinids, task.obs_columns, task.keep_map.size,
+                    buffers[number % len(buffers)]), what, task.retries)
 
             reading, writing, number = read(step, 0), None, 0
             while step is not None:
@@ -649,25 +693,45 @@ def _write_parts(experiment, task: _PartTask, parts: list[dict[str, Any]], advan
 
 def _chunk_plan(experiment, task: _PartTask, parts: list[dict[str, Any]]) -> Iterator[_Step]:
     for part in parts:
-        joinids = _part_joinids(experiment, task, part)
-        starts = range(0, joinids.size, task.chunk_cells)
-        for start in starts:
-            yield _Step(part, joinids[start:start + task.chunk_cells], start == starts[0], start == starts[-1])
+        joinids, nnz = _part_joinids(experiment, task, part)
+        bounds = chunk_bounds(nnz, task.chunk_cells, task.chunk_counts)
+        for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            yield _Step(part, joinids[start:stop], number, start == 0, stop == joinids.size)
 
 
-def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> np.ndarray:
+def chunk_bounds(nnz: np.ndarray, chunk_cells: int, chunk_counts: int) -> list[int]:
+    """Where chunks of consecutive cells start, and the end: each at most `chunk_cells` cells and
+    `chunk_counts` counts, unless a single cell holds more counts (it is then a chunk alone)."""
+    total = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
+    bounds = [0]
+    while bounds[-1] < nnz.size:
+        start = bounds[-1]
+        stop = int(np.searchsorted(total, total[start] + chunk_counts, side="right")) - 1
+        bounds.append(min(max(stop, start + 1), start + chunk_cells, nnz.size))
+    return bounds
+
+
+def _part_joinids(experiment, task: _PartTask, part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The part's soma_joinids (ascending) and each cell's number of stored counts where obs has
+    the Census' `nnz` (zeros where it does not: chunks are then cut by cells only)."""
     source = task.source
-    try:
-        found = experiment.obs.read(coords=(slice(part["joinid_min"], part["joinid_max"]),),
-                                    value_filter=task.obs_filter, column_names=["soma_joinid"]).concat()
-    except Exception as exc:
-        raise LangCellError(_filter_error(source, "--obs-filter", task.obs_filter, exc)) from None
-    joinids = np.sort(found["soma_joinid"].to_numpy().astype(np.int64, copy=False))
+    columns = ["soma_joinid", "nnz"] if "nnz" in task.obs_columns else ["soma_joinid"]
+
+    def read():
+        return experiment.obs.read(coords=(slice(part["joinid_min"], part["joinid_max"]),),
+                                   value_filter=task.obs_filter, column_names=columns).concat()
+
+    found = with_retries(read, f"{source.describe()}: cells of {part['name']}", task.retries)
+    order = np.argsort(found["soma_joinid"].to_numpy(), kind="stable")
+    joinids = found["soma_joinid"].to_numpy().astype(np.int64, copy=False)[order]
     if joinids.size != part["planned_rows"]:
         raise LangCellError(f"{source.describe()}: {joinids.size} cells pass the filter in soma_joinid "
                             f"[{part['joinid_min']}, {part['joinid_max']}], the plan has {part['planned_rows']}; "
                             "the store changed since the plan was made, ingest into a new --out")
-    return joinids
+    if "nnz" not in columns:
+        return joinids, np.zeros(joinids.size, np.int64)
+    # A missing nnz says nothing about the cell's size: the --chunk-cells cap still holds.
+    return joinids, np.maximum(found["nnz"].fill_null(0).to_numpy().astype(np.int64)[order], 0)
 
 
 class _PartFile:
@@ -769,15 +833,14 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, rows: coo_r
             f"{obs_joinids.size} obs rows for {joinids.size} soma_joinids"
         raise LangCellError(f"{source.describe()}: obs {what}; the store is corrupt, rebuild it")
 
-    if rows.row_major:
-        # Every run is a whole non-empty row, in row order.
-        run_cells, starts, n_counts = rows.runs
+    whole_rows = rows.whole_rows()
+    if whole_rows is not None:
+        run_cells, starts, n_counts, indices, values = whole_rows
         row_of = np.minimum(np.searchsorted(joinids, run_cells), joinids.size - 1)
         outside = run_cells[joinids[row_of] != run_cells]
         if outside.size:
             _raise_outside(source, int(outside[0]))
-        indptr = np.append(starts, rows.genes.size)
-        indices, values = rows.genes, rows.counts
+        indptr = np.append(starts, indices.size)
     else:
         indptr, indices, values = _general_rows(source, joinids, rows.entry_cells(), rows.genes, rows.counts,
                                                 keep_map.size)
@@ -795,7 +858,7 @@ def _build_chunk(source: Source, joinids: np.ndarray, obs: pa.Table, rows: coo_r
         indptr = np.append(indptr[:-1][nonempty], indptr[-1])
     if indptr[-1] > np.iinfo(np.int32).max:
         raise LangCellError(f"{source.describe()}: a chunk holds {indptr[-1]} counts, more than a parquet list "
-                            "column takes; lower --chunk-cells")
+                            "column takes; lower --chunk-counts")
     offsets = pa.array(indptr.astype(np.int32))
     if row_of.size != joinids.size:
         obs = obs.take(pa.array(row_of))
@@ -815,8 +878,8 @@ def _is_identity(keep_map: np.ndarray) -> bool:
 
 def _general_rows(source: Source, joinids: np.ndarray, cells: np.ndarray, genes: np.ndarray, data: np.ndarray,
                   n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """COO entries in any order (e.g. the Census' square space tiles) -> CSR rows over `joinids`
-    by a counting sort, O(nnz)."""
+    """COO entries in any order (runs of a cell interleaving) -> CSR rows over `joinids` by a
+    counting sort, O(nnz)."""
     import scipy.sparse as sp
 
     if data.size == 0:

@@ -40,6 +40,10 @@ def _add_store_commands(commands) -> None:
     synth.add_argument("--workers", type=int, default=1, metavar="N",
                        help="processes generating cells and writing their counts in parallel; the store is "
                             "the same for any N (default %(default)s)")
+    synth.add_argument("--layout", choices=("rows", "census"), default="rows",
+                       help="X tiling: rows (one tile spans every gene; fastest to write and read) or census "
+                            "(the Census builder's 2048 x 2048 cells x genes tiles, row-major tile order) "
+                            "(default %(default)s)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_run_synth_census)
 
@@ -47,14 +51,19 @@ def _add_store_commands(commands) -> None:
         "ontologies", help="resolve the ontology terms of ingested cells (and their ancestors)",
         description="Read every *_ontology_term_id of INGEST/cells/*.parquet and write INGEST/ontology/terms.parquet "
                     "(label, definition, synonyms, parents, ancestors of each term and all its ancestors) and "
-                    "INGEST/ontology/unresolved.json (ids no ontology holds, with cell counts).")
+                    "INGEST/ontology/unresolved.json (ids no ontology resolves, with cell counts and why; the ontology "
+                    "versions used; obsolete terms and the replacements followed; references to undeclared terms; "
+                    "ontologies that could not be loaded).")
     onto.add_argument("--ingest", required=True, metavar="INGEST", help="the --out folder of `langcell ingest census`")
     onto.add_argument("--source", choices=("guide", "obo"), default="guide",
-                      help="guide: the ontologies shipped by cellxgene-ontology-guide (offline, the Census's "
-                           "versions); obo: OBO/OWL files or URLs parsed with pronto (default %(default)s)")
-    onto.add_argument("--obo", nargs="+", default=None, metavar="FILE_OR_URL",
-                      help="with --source obo: ontology files or URLs (default: the OBO Foundry PURLs of CL, "
-                           "UBERON, MONDO, PATO, HsapDv, MmusDv, HANCESTRO and EFO; needs the network)")
+                      help="guide: the ontologies shipped by cellxgene-ontology-guide (offline), in the versions of "
+                           "the CELLxGENE schema the ingested Census release names where the guide has them, else "
+                           "the newest it ships (unresolved.json says which); obo: one OBO/OWL file or URL per "
+                           "ontology, parsed with pronto (default %(default)s)")
+    onto.add_argument("--ontology-file", action="append", default=None, metavar="PREFIX=FILE_OR_URL",
+                      help="with --source obo, repeatable: the file or URL of the ontology of ids with this prefix, "
+                           "e.g. CL=cl.obo, EFO=efo.owl (default: the OBO Foundry PURLs of CL, UBERON, MONDO, PATO, "
+                           "HsapDv, MmusDv, HANCESTRO and EFO; needs the network)")
     onto.set_defaults(handler=_run_ontologies)
 
 
@@ -77,7 +86,7 @@ def _run_synth_census(args) -> int:
     config = load_synth_config(args.config, n_genes=args.genes,
                                genes_detected=list(args.genes_detected) if args.genes_detected else None)
     summary = build_synth_census(args.out, args.cells, seed=args.seed, config=config, progress=not args.no_progress,
-                                 workers=args.workers)
+                                 workers=args.workers, layout=args.layout)
     print(f"{args.out}: {summary.n_cells} cells x {summary.n_genes} genes, {summary.n_datasets} datasets, "
           f"{summary.n_donors} donors, {summary.nnz / summary.n_cells:.0f} genes detected per cell on average; "
           f"{summary.seconds:.1f} s ({summary.cells_per_s:,.0f} cells/s)")
@@ -89,14 +98,11 @@ def _run_ontologies(args) -> int:
 
     from ingest.ontology import ingest_ontologies
 
-    if args.obo and args.source != "obo":
-        from langcell.errors import LangCellError
-
-        raise LangCellError("--obo: only used with --source obo; add --source obo or drop --obo")
     logging.basicConfig(level=logging.WARNING, format="langcell ingest ontologies: warning: %(message)s")
-    result = ingest_ontologies(args.ingest, source=args.source, obo=args.obo)
+    result = ingest_ontologies(args.ingest, source=args.source, ontology_files=args.ontology_file)
     print(f"{result.terms_path}: {result.n_terms} terms ({result.n_cell_terms} used by cells, the rest their "
-          f"ancestors); {len(result.unresolved)} unresolved ids listed in {result.unresolved_path}")
+          f"ancestors); {len(result.unresolved)} unresolved ids listed in {result.unresolved_path}, with the "
+          "ontology versions used")
     return 0
 
 
@@ -120,7 +126,14 @@ def _add_census_commands(commands) -> None:
     census.add_argument("--max-cells", type=int, default=None, metavar="N",
                         help="only the first N passing cells by soma_joinid")
     census.add_argument("--chunk-cells", type=int, default=20_000, metavar="N",
-                        help="cells read at once; sets peak memory (default %(default)s)")
+                        help="at most N cells read at once (default %(default)s)")
+    census.add_argument("--chunk-counts", type=int, default=50_000_000, metavar="N",
+                        help="at most N counts read at once, by obs nnz where the store has it: sets peak "
+                             "memory, about 16 bytes a count for each of 3 chunks in flight per worker "
+                             "(default %(default)s)")
+    census.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="retries of a chunk's read after a TileDB/S3 error, with exponential backoff "
+                             "from 1 s (default %(default)s)")
     census.add_argument("--cells-per-part", type=int, default=100_000, metavar="N",
                         help="cells per parquet part, the unit of resuming and sharding (default %(default)s)")
     census.add_argument("--workers", type=int, default=1, metavar="N", help="processes over disjoint parts")
@@ -138,6 +151,7 @@ def _add_census_commands(commands) -> None:
 
 
 def _run_census(args) -> int:
+    import logging
     import sys
 
     from ingest.allocator import keep_arrow_pages
@@ -146,11 +160,12 @@ def _run_census(args) -> int:
     from ingest.census import ingest_census, parse_shard
 
     shard = parse_shard(args.shard) if args.shard is not None else None
+    logging.basicConfig(level=logging.WARNING, format="langcell ingest census: warning: %(message)s")
     manifest = ingest_census(
         args.out, census_version=args.census_version, uri=args.uri, organism=args.organism,
         obs_filter=args.obs_filter, var_filter=args.var_filter, max_cells=args.max_cells,
-        chunk_cells=args.chunk_cells, cells_per_part=args.cells_per_part, workers=args.workers,
-        shard=shard, progress=not args.no_progress)
+        chunk_cells=args.chunk_cells, chunk_counts=args.chunk_counts, cells_per_part=args.cells_per_part,
+        workers=args.workers, shard=shard, retries=args.retries, progress=not args.no_progress)
     where = "manifest.json" if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
     for warning in manifest["warnings"]:
         print(f"langcell ingest census: warning: {warning}", file=sys.stderr)

@@ -60,15 +60,49 @@ def _var_schema() -> pa.Schema:
     ])
 
 
-def _x_platform_config(n_genes: int) -> dict:
-    # One space tile spans every gene, so chunks of cells given in row-major order are already in
-    # TileDB's global order and can be written without a sort (about 5x faster than unordered).
+# X layouts: "rows", one space tile spanning every gene, so chunks of cells given in row-major
+# order are already in TileDB's global order and are written without a sort (about 5x faster than
+# unordered writes); "census", the Census builder's X (cellxgene_census_builder
+# build_soma/globals.py, CENSUS_DEFAULT_X_LAYERS_PLATFORM_CONFIG): 2048 x 2048 space tiles,
+# row-major tile and cell order, 2**16 cells per data tile, duplicates allowed. Reads of that
+# layout return each cell as one run per 2048-gene tile. Its zstd level (9 there) is 1 here: the
+# level changes the build time, not the order of what a read returns.
+X_LAYOUTS = ("rows", "census")
+CENSUS_TILE = 2048
+
+
+def _x_platform_config(n_genes: int, layout: str) -> dict:
     zstd = {"_type": "ZstdFilter", "level": 1}
+    if layout == "census":
+        return {"tiledb": {"create": {
+            "capacity": 2 ** 16,
+            "dims": {"soma_dim_0": {"tile": CENSUS_TILE, "filters": [zstd]},
+                     "soma_dim_1": {"tile": CENSUS_TILE, "filters": ["ByteShuffleFilter", zstd]}},
+            "attrs": {"soma_data": {"filters": ["ByteShuffleFilter", zstd]}},
+            "cell_order": "row-major", "tile_order": "row-major", "allows_duplicates": True,
+        }}}
     return {"tiledb": {"create": {
         "dims": {"soma_dim_0": {"tile": 2048, "filters": [{"_type": "DeltaFilter"}, zstd]},
                  "soma_dim_1": {"tile": max(int(n_genes), 1), "filters": [{"_type": "ByteShuffleFilter"}, zstd]}},
         "attrs": {"soma_data": {"filters": [{"_type": "ByteShuffleFilter"}, zstd]}},
     }}}
+
+
+def check_layout(layout: str) -> str:
+    if layout not in X_LAYOUTS:
+        raise LangCellError(f"--layout {layout!r}: unknown X layout; use one of {', '.join(X_LAYOUTS)}")
+    return layout
+
+
+def global_order(rows: np.ndarray, cols: np.ndarray, layout: str) -> np.ndarray | None:
+    """The permutation that puts a row-major chunk into TileDB's global order, None when it is in
+    it already. Writes skip TileDB's sort (`sort_coords=False`), so they must come in that order."""
+    if layout != "census" or len(rows) == 0:
+        return None
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    # Row-major inside a tile and rows sorted in the chunk: a stable sort on the tile suffices.
+    tile = (rows // CENSUS_TILE) * (int(cols.max()) // CENSUS_TILE + 1) + cols // CENSUS_TILE
+    return np.argsort(tile, kind="stable")
 
 
 def is_soma_store(path: str | os.PathLike) -> bool:
@@ -156,7 +190,10 @@ def cell_summaries(rows, counts, n: int, n_genes: int, cols) -> dict:
             "gene_nnz": np.bincount(np.asarray(cols, dtype=np.int64), minlength=n_genes)}
 
 
-def write_x(array, rows, cols, counts, write_opts) -> None:
+def write_x(array, rows, cols, counts, write_opts, layout: str = "rows") -> None:
+    order = global_order(rows, cols, layout)
+    if order is not None:
+        rows, cols, counts = (np.asarray(a)[order] for a in (rows, cols, counts))
     array.write(pa.Table.from_pydict({"soma_dim_0": np.asarray(rows, dtype=np.int64),
                                       "soma_dim_1": np.asarray(cols, dtype=np.int64),
                                       "soma_data": np.asarray(counts, dtype=np.float32)}),
@@ -167,16 +204,17 @@ class XChunkWriter:
     """Writes row chunks into a store's X/raw from another process while the store is being
     built: each write is its own TileDB fragment, so several processes write X in parallel."""
 
-    def __init__(self, x_uri: str, tiledb_config: dict[str, str]):
+    def __init__(self, x_uri: str, tiledb_config: dict[str, str], layout: str = "rows"):
         import tiledbsoma
 
+        self._layout = layout
         self._array = tiledbsoma.SparseNDArray.open(
             x_uri, "w", context=tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config))
         self._opts = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
     def write(self, rows, cols, counts) -> None:
         if len(counts):
-            write_x(self._array, rows, cols, counts, self._opts)
+            write_x(self._array, rows, cols, counts, self._opts, self._layout)
 
 
 class CensusStoreWriter:
@@ -187,13 +225,15 @@ class CensusStoreWriter:
     var table (with per-gene nnz), census_info and the presence matrix are written and the
     finished store is renamed onto `out`. `trusted_coords=True` turns off TileDB's coordinate
     checks (TRUSTED_COORDS_CONFIG) for callers whose chunks are correct by construction.
+    `layout` is the tiling of X (`X_LAYOUTS`).
     """
 
     def __init__(self, out: str | os.PathLike, n_cells: int, genes: pd.DataFrame,
                  categories: dict[str, Sequence[str]], organism: str = "homo_sapiens",
                  extra_obs_fields: Sequence[pa.Field] = (), summary: dict[str, str] | None = None,
-                 trusted_coords: bool = False):
+                 trusted_coords: bool = False, layout: str = "rows"):
         self.out = check_output(out)
+        self.layout = check_layout(layout)
         if n_cells <= 0:
             raise LangCellError(f"{out}: a store needs at least one cell, got {n_cells}; pass --cells >= 1")
         missing = [c for c in GENE_COLUMNS if c not in genes.columns]
@@ -253,7 +293,7 @@ class CensusStoreWriter:
         self._rna = ms.add_new_collection("RNA", tiledbsoma.Measurement)
         x = self._rna.add_new_collection("X")
         self._x = x.add_new_sparse_ndarray("raw", type=pa.float32(), shape=(self.n_cells, self.n_genes),
-                                           platform_config=_x_platform_config(self.n_genes))
+                                           platform_config=_x_platform_config(self.n_genes, self.layout))
         self._write_opts = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
     def _frame(self, parent, name: str, schema: pa.Schema, n_rows: int):
@@ -317,7 +357,8 @@ class CensusStoreWriter:
         n = len(obs["is_primary_data"])
         summary = cell_summaries(rows, counts, n, self.n_genes, cols)
         if len(counts):
-            write_x(self._x, np.asarray(rows, dtype=np.int64) + self.n_written, cols, counts, self._write_opts)
+            write_x(self._x, np.asarray(rows, dtype=np.int64) + self.n_written, cols, counts, self._write_opts,
+                    self.layout)
         self.append_written(obs, summary)
 
     def append_written(self, obs: dict, summary: dict) -> None:

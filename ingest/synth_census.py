@@ -155,20 +155,22 @@ def type_parents(cell_types: list[str], guide) -> dict[str, str | None]:
 
 def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
                        config: SynthConfig | str | os.PathLike | None = None,
-                       progress: bool = True, workers: int = 1) -> SynthSummary:
+                       progress: bool = True, workers: int = 1, layout: str = "rows") -> SynthSummary:
     """Write a synthetic Census-schema store with `n_cells` cells at `out`. With `workers` > 1,
     that many processes generate chunks and write their X rows in parallel while this one writes
-    obs; the store's content does not depend on `workers`."""
+    obs; the store's content does not depend on `workers`. `layout` is X's tiling
+    (`ingest.soma_store.X_LAYOUTS`; "census" as the real Census): same cells, another tiling."""
     from tqdm import tqdm
 
     from ingest.ontology import GuideSource
-    from ingest.soma_store import CensusStoreWriter, DatasetInfo, check_output
+    from ingest.soma_store import CensusStoreWriter, DatasetInfo, check_layout, check_output
 
     if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
         raise LangCellError(f"--cells: must be a whole number >= 1, got {n_cells!r}")
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise LangCellError(f"--workers: must be a whole number >= 1, got {workers!r}")
     check_output(out)
+    check_layout(layout)
     cfg = config if isinstance(config, SynthConfig) else load_synth_config(config)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -241,7 +243,7 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
     categories = _categories(datasets, cell_types, label)
     writer = CensusStoreWriter(out, n_cells, genes, categories,
                                summary={"census_build_date": "synthetic", "synthetic_seed": str(seed)},
-                               trusted_coords=True)
+                               trusted_coords=True, layout=layout)
     codes = {c: {v: i for i, v in enumerate(vals)} for c, vals in writer.categories.items()}
     nnz_total = 0
     # Each chunk draws from its own generator seeded by (seed, dataset, chunk), so the store is
@@ -254,7 +256,7 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
             first_row += n
     job = dict(seed=seed, datasets=datasets, tables=tables, curves=detected_curves, n_states=n_states, n_genes=G,
                beta=cfg.batch_strength, target_lo=target_lo, target_hi=target_hi, cell_types=cell_types,
-               codes=codes, labels=dict(label_cache), x_uri=None, tiledb_config=None)
+               codes=codes, labels=dict(label_cache), x_uri=None, tiledb_config=None, layout=layout)
     pool = None
     bar = tqdm(total=n_cells, unit="cell", unit_scale=True, desc="synth-census", disable=not progress)
     try:
@@ -388,7 +390,7 @@ def _chunk_job(spec: tuple[int, int, int, int]):
     from ingest.soma_store import XChunkWriter, cell_summaries
 
     if _X_WRITER is None:
-        _X_WRITER = XChunkWriter(job["x_uri"], job["tiledb_config"])
+        _X_WRITER = XChunkWriter(job["x_uri"], job["tiledb_config"], job["layout"])
     _X_WRITER.write(rows.astype(np.int64) + first_row, cols, counts)
     return obs, None, None, None, cell_summaries(rows, counts, n, job["n_genes"], cols)
 

@@ -381,10 +381,17 @@ def test_bad_arguments(store, tmp_path):
         parse_shard("2/2")
     with pytest.raises(LangCellError, match="--cells-per-part 0: must be at least 1"):
         ingest_census(tmp_path / "o", uri=store, cells_per_part=0)
+    with pytest.raises(LangCellError, match="--chunk-counts 0: must be at least 1"):
+        ingest_census(tmp_path / "o", uri=store, chunk_counts=0)
+    with pytest.raises(LangCellError, match="--chunk-counts 2147483648: a parquet list column holds at most"):
+        ingest_census(tmp_path / "o", uri=store, chunk_counts=2 ** 31)
+    with pytest.raises(LangCellError, match="--retries -1: must be at least 0"):
+        ingest_census(tmp_path / "o", uri=store, retries=-1)
 
 
-def test_row_major_fast_path_equals_general_path():
-    """Row-major entries (every run a whole row) and the counting sort (any order) build the same
+def test_row_major_tiled_and_general_paths_build_the_same_rows():
+    """Row-major entries (every run a whole row), tile order (a cell's runs, one per tile of
+    genes, apart: the Census' square tiles) and the counting sort (any order) build the same
     rows from the same entries, however TileDB cuts them into batches: explicit zeros, empty
     cells, a cell split across batches and a gene filter included."""
     from ingest.census import _build_chunk
@@ -397,14 +404,17 @@ def test_row_major_fast_path_equals_general_path():
     counts = dense[cells, genes].astype(np.float32)
     counts[::11] = 0  # explicit zeros
     keep = np.where(np.arange(40) % 3 == 0, -1, np.cumsum(np.arange(40) % 3 != 0) - 1).astype(np.int64)
+    # Tiles of 64 cells x 16 genes in row-major tile order, entries row-major inside a tile.
+    tiled = np.lexsort((genes, cells, genes // 16, cells // 64))
     tables = []
-    for order, batch in ((np.arange(cells.size), None), (np.arange(cells.size), 7),
+    for order, batch in ((np.arange(cells.size), None), (np.arange(cells.size), 7), (tiled, None), (tiled, 9),
                          (rng.permutation(cells.size), None), (rng.permutation(cells.size), 100)):
         entries = list(zip(joinids[cells[order]], genes[order], counts[order]))
         source, obs, rows, _, schema = _chunk_inputs(joinids, entries, batch)
-        tables.append((rows.row_major, _build_chunk(source, joinids, obs, rows, keep, schema, []).to_pydict()))
+        path = "rows" if rows.row_major else "tiles" if rows.whole_rows() is not None else "general"
+        tables.append((path, _build_chunk(source, joinids, obs, rows, keep, schema, []).to_pydict()))
         assert rows.explicit_zeros == np.count_nonzero(counts == 0)
-    assert [row_major for row_major, _ in tables] == [True, True, False, False]
+    assert [path for path, _ in tables] == ["rows", "rows", "tiles", "tiles", "general", "general"]
     assert all(table == tables[0][1] for _, table in tables)
     fast = tables[0][1]
     assert len(fast["soma_joinid"]) < 300 and max(max(g) for g in fast["gene_index"]) < keep.max() + 1
@@ -466,3 +476,118 @@ def test_a_finished_part_file_holds_no_arrow_memory(tmp_path):
     result = file.finish_after(done)
     assert result["rows"] == 1_000 and (tmp_path / "part-00000.parquet").exists()
     assert pa.total_allocated_bytes() - before < 1 << 20
+
+
+@pytest.fixture(scope="module")
+def layout_stores(tmp_path_factory):
+    """The same synthetic cells in both X layouts; more than one 2048 x 2048 tile each way."""
+    from ingest.synth_census import build_synth_census, load_synth_config
+
+    root = tmp_path_factory.mktemp("layouts")
+    config = load_synth_config(n_genes=4500, genes_detected=[60, 400], n_datasets=3, chunk_cells=700)
+    for layout in ("rows", "census"):
+        build_synth_census(root / layout, 2500, seed=5, config=config, progress=False, layout=layout)
+    return root
+
+
+def test_census_layout_is_the_census_builders_tiling(layout_stores):
+    import tiledbsoma
+
+    with tiledbsoma.SparseNDArray.open(str(layout_stores / "census/census_data/homo_sapiens/ms/RNA/X/raw")) as X:
+        options = X.schema_config_options()
+    dims = json.loads(options.dims)
+    assert [dims[d]["tile"] for d in ("soma_dim_0", "soma_dim_1")] == ["2048", "2048"]
+    assert (options.capacity, options.tile_order, options.cell_order, options.allows_duplicates) == \
+        (65536, "row-major", "row-major", True)
+
+
+def test_census_layout_ingests_byte_identical_to_the_row_layout(layout_stores, tmp_path, monkeypatch):
+    """Tile-ordered reads take the run sort, never the per-entry counting sort, and give the
+    same parts, with chunks cut by the count budget from obs nnz."""
+    import ingest.census as census
+
+    def no_counting_sort(*args):
+        raise AssertionError("the counting sort ran")
+
+    monkeypatch.setattr(census, "_general_rows", no_counting_sort)
+    digests = {}
+    for layout in ("rows", "census"):
+        ingest_census(tmp_path / layout, uri=str(layout_stores / layout), cells_per_part=1200, chunk_cells=10**6,
+                      chunk_counts=90_000, progress=False)
+        digests[layout] = folder_digest(tmp_path / layout)
+    assert digests["rows"] == digests["census"]
+    # The release's schema versions travel with the ingest (the ontology stage picks its versions by them).
+    manifest = json.loads((tmp_path / "census/manifest.json").read_text())
+    assert manifest["census_summary"] == {"census_schema_version": "2.1.0", "census_build_date": "synthetic"}
+    cells = read_cells(tmp_path / "census")
+    assert len(cells) == 2500 and [len(g) for g in cells["gene_index"]] == cells["nnz"].tolist()
+    assert max(max(g) for g in cells["gene_index"]) >= 2048  # genes of the second tile column
+    groups = []
+    for part in sorted((tmp_path / "census/cells").glob("*.parquet")):
+        handle = pq.ParquetFile(part)
+        counts = [sum(map(len, handle.read_row_group(i, columns=["gene_index"])["gene_index"].to_pylist()))
+                  for i in range(handle.num_row_groups)]
+        # full up to the budget but the last, which holds what is left of the part
+        assert max(counts) <= 90_000 and min(counts[:-1], default=90_000) > 90_000 - 400
+        groups.append(len(counts))
+    assert groups[0] >= 3
+
+
+def test_chunk_bounds_keep_to_both_budgets():
+    from ingest.census import chunk_bounds
+
+    nnz = np.array([5, 5, 5, 20, 1, 1, 1, 1, 1])
+    assert chunk_bounds(nnz, 100, 10) == [0, 2, 3, 4, 9]  # the 20-count cell is a chunk alone
+    assert chunk_bounds(nnz, 2, 100) == [0, 2, 4, 6, 8, 9]
+    assert chunk_bounds(np.zeros(5, np.int64), 3, 10) == [0, 3, 5]
+
+
+def _flaky_reads(monkeypatch, failing: set[int]) -> list[int]:
+    """X reads that deliver one batch, then fail with TileDB's error, on the `failing` reads (0:
+    the first X read of the run); returns the first soma_joinid of each failed read."""
+    import tiledbsoma
+
+    import ingest.census as census
+    import ingest.retry as retry
+
+    monkeypatch.setattr(retry, "BACKOFF_SECONDS", 0.0)
+    real, calls, failed = census._coo_batches, [], []
+
+    def flaky(X, joinids):
+        calls.append(None)
+        fail = len(calls) - 1 in failing
+        for batch in real(X, joinids):
+            yield batch
+            if fail:
+                failed.append(int(joinids[0]))
+                raise tiledbsoma.SOMAError("[TileDB::S3] Error: Cannot read object: connection reset")
+
+    monkeypatch.setattr(census, "_coo_batches", flaky)
+    return failed
+
+
+def test_transient_read_errors_are_retried_to_an_identical_result(store, reference, tmp_path, monkeypatch):
+    # the first chunk fails twice, the second once, a chunk of the second part once
+    failed = _flaky_reads(monkeypatch, failing={0, 1, 3, 7})
+    ingest_census(tmp_path / "out", uri=store, cells_per_part=60, chunk_cells=25, retries=2, progress=False)
+    assert len(failed) == 4 and len(set(failed)) == 3
+    assert folder_digest(tmp_path / "out") == folder_digest(reference)
+
+
+def test_reads_carry_tiledbs_own_s3_retries(store):
+    from ingest.census import Source, _open_handle
+
+    with _open_handle(Source(None, store)) as handle:
+        config = handle.context.tiledb_config
+    assert config["vfs.s3.connect_max_tries"] == "10" and config["vfs.s3.request_timeout_ms"] == "30000"
+
+
+def test_a_read_failing_past_its_retries_names_the_chunk(store, tmp_path, monkeypatch):
+    failed = _flaky_reads(monkeypatch, failing={0, 1, 2})
+    with pytest.raises(LangCellError) as error:
+        ingest_census(tmp_path / "out", uri=store, cells_per_part=60, chunk_cells=25, retries=2, progress=False)
+    message = str(error.value)
+    assert failed == [failed[0]] * 3 and "\n" not in message
+    assert message.startswith(f"{store}: chunk 0 of cells/part-00000.parquet (25 cells, soma_joinid {failed[0]}..")
+    assert "read failed 3 times, last with SOMAError: [TileDB::S3] Error: Cannot read object" in message
+    assert "rerun the same command to resume" in message

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -15,6 +16,7 @@ TERM_ID_COLUMNS = [
     "disease_ontology_term_id", "self_reported_ethnicity_ontology_term_id", "sex_ontology_term_id",
     "tissue_ontology_term_id", "tissue_general_ontology_term_id",
 ]
+ONTOLOGY_FILES = Path(__file__).parent / "ontology_files"
 DEMO_CELL_TYPES = {"CL:0001054", "CL:0000236", "CL:0000792", "CL:0000895", "CL:0000897", "CL:0000623",
                    "CL:0000794", "CL:0000900", "CL:0008001", "CL:0000451"}
 
@@ -96,8 +98,10 @@ def test_unknown_ids_are_reported_with_counts(tmp_path, caplog):
     assert "2 term ids resolve in no ontology: CL:9999999 (3 cells), FOO:0000001 (2 cells)" in caplog.text
     report = json.loads((ingest / "ontology" / "unresolved.json").read_text())
     assert report["unresolved"] == [
-        {"term_id": "CL:9999999", "n_cells": 3, "columns": {"cell_type_ontology_term_id": 3}},
-        {"term_id": "FOO:0000001", "n_cells": 2, "columns": {"cell_type_ontology_term_id": 2}}]
+        {"term_id": "CL:9999999", "n_cells": 3, "columns": {"cell_type_ontology_term_id": 3},
+         "reason": f"not in the guide's CL {report['ontologies']['CL'].split(',')[0]}"},
+        {"term_id": "FOO:0000001", "n_cells": 2, "columns": {"cell_type_ontology_term_id": 2},
+         "reason": "the ontology guide has no ontology for prefix 'FOO'"}]
     terms = pd.read_parquet(ingest / "ontology" / "terms.parquet").set_index("term_id")
     # Joined ids are split and each resolves; a CL id as tissue (cell culture) resolves too.
     assert terms.loc["HANCESTRO:0005", "n_cells"] == 7 and terms.loc["HANCESTRO:0008", "label"] == "Asian ancestry"
@@ -119,7 +123,7 @@ def test_obo_source_agrees_with_the_guide(tmp_path):
     obo_path = tmp_path / "cl-subset.obo"
     write_obo(terms.values(), obo_path, ontology="cl")
     assert obo_path.read_text().count("[Term]") == len(terms)
-    obo = OboSource([str(obo_path)])
+    obo = OboSource({"CL": str(obo_path)})
     for term_id, expected in terms.items():
         parsed = obo.get(term_id)
         assert parsed is not None, term_id
@@ -143,7 +147,7 @@ def test_obo_part_of_counts_as_a_parent(tmp_path):
                     "[Term]\nid: UBERON:0002390\nname: hematopoietic system\nis_a: UBERON:0000467\n\n"
                     "[Term]\nid: UBERON:0000467\nname: anatomical system\n\n"
                     "[Typedef]\nid: part_of\nname: part of\n")
-    blood = OboSource([str(path)]).get("UBERON:0000178")
+    blood = OboSource({"UBERON": str(path)}).get("UBERON:0000178")
     assert blood.parents == ["UBERON:0000179", "UBERON:0002390"]
     assert blood.ancestors == ["UBERON:0000179", "UBERON:0002390", "UBERON:0000467"]
 
@@ -154,13 +158,15 @@ def test_ingest_ontologies_with_obo_files(tmp_path, demo_obs):
     terms, _ = resolve_terms(sorted(DEMO_CELL_TYPES), GuideSource())
     write_obo(terms.values(), tmp_path / "cl.obo")
     ingest = _write_ingest(tmp_path / "ingest", [demo_obs])
-    result = ingest_ontologies(ingest, source="obo", obo=[str(tmp_path / "cl.obo")])
+    result = ingest_ontologies(ingest, source="obo", ontology_files=[f"CL={tmp_path / 'cl.obo'}"])
     # The file holds CL only: UBERON, PATO and EFO ids are reported, never silently dropped.
     # n_cells counts cells: tissue and tissue_general are both blood in the same 700 cells.
     assert result.unresolved == {"UBERON:0000178": 700, "PATO:0000461": 700, "EFO:0009901": 700}
     blood = json.loads(result.unresolved_path.read_text())["unresolved"][-1]
     assert blood == {"term_id": "UBERON:0000178", "n_cells": 700,
-                     "columns": {"tissue_general_ontology_term_id": 700, "tissue_ontology_term_id": 700}}
+                     "columns": {"tissue_general_ontology_term_id": 700, "tissue_ontology_term_id": 700},
+                     "reason": "no --ontology-file for prefix 'UBERON', and no loaded ontology declares it; "
+                               "add --ontology-file UBERON=FILE"}
     obo_terms = pd.read_parquet(result.terms_path).set_index("term_id")
     guide_result = ingest_ontologies(ingest, source="guide")
     guide_terms = pd.read_parquet(guide_result.terms_path).set_index("term_id")
@@ -190,14 +196,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         ingest_ontologies(tmp_path / "cols")
     with pytest.raises(LangCellError, match="unknown ontology source"):
         make_source("ols")
-    with pytest.raises(LangCellError, match="ontology file not found"):
-        OboSource([str(tmp_path / "nope.obo")])
+    with pytest.raises(LangCellError, match="--ontology-file 'cl.obo': expected PREFIX=PATH_OR_URL"):
+        make_source("obo", ["cl.obo"])
+    with pytest.raises(LangCellError, match="--ontology-file CL: given twice"):
+        make_source("obo", ["CL=a.obo", "CL=b.obo"])
+    with pytest.raises(LangCellError, match="--ontology-file: only used with --source obo"):
+        make_source("guide", ["CL=a.obo"])
     (tmp_path / "junk.obo").write_text("this is not an ontology\n")
-    with pytest.raises(LangCellError, match="cannot parse"):
-        OboSource([str(tmp_path / "junk.obo")])
-    # Nothing listens on the discard port: the download fails at once, offline too.
-    with pytest.raises(LangCellError, match="cannot download .*pass its path with --obo"):
-        OboSource(["http://127.0.0.1:9/cl.obo"])
+    # Nothing listens on the discard port: the download fails at once, offline too. With no
+    # ontology loaded at all there is nothing to resolve: an error naming each file.
+    with pytest.raises(LangCellError, match="no ontology could be loaded .*nope.obo: cannot read .*junk.obo: cannot "
+                                            "parse as OBO/OWL .*127.0.0.1:9/cl.obo: cannot download"):
+        OboSource({"CL": str(tmp_path / "nope.obo"), "UBERON": str(tmp_path / "junk.obo"),
+                   "EFO": "http://127.0.0.1:9/cl.obo"})
 
 
 def test_cli_ontologies(tmp_path, demo_obs, capsys):
@@ -212,6 +223,38 @@ def test_cli_ontologies(tmp_path, demo_obs, capsys):
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "used by cells" in out and "0 unresolved ids" in out
-    args = parser.parse_args(["ingest", "ontologies", "--ingest", str(ingest), "--obo", "x.obo"])
+    args = parser.parse_args(["ingest", "ontologies", "--ingest", str(ingest), "--ontology-file", "CL=x.obo"])
     with pytest.raises(LangCellError, match="--source obo"):
         args.handler(args)
+    args = parser.parse_args(["ingest", "ontologies", "--ingest", str(ingest), "--source", "obo",
+                              "--ontology-file", f"CL={ONTOLOGY_FILES / 'cl_obsolete.obo'}",
+                              "--ontology-file", f"EFO={ONTOLOGY_FILES / 'efo.owl'}"])
+    assert args.handler(args) == 0
+    report = json.loads((ingest / "ontology" / "unresolved.json").read_text())
+    assert sorted(report["ontologies"]) == ["CL", "EFO"] and report["ontology_errors"] == {}
+
+
+def test_guide_versions_follow_the_census_schema_and_say_which(tmp_path):
+    import cellxgene_ontology_guide
+
+    from ingest.ontology import ingest_ontologies
+
+    data = Path(cellxgene_ontology_guide.__file__).parent / "data"
+    schemas = json.loads((data / "ontology_info.json").read_text())
+    newest = json.loads((data / "latest_ontology_info.json").read_text())["ontologies"]["CL"]["version"]
+    schema = next(s for s in sorted(schemas) if schemas[s]["ontologies"]["CL"]["version"] != newest)
+    named = schemas[schema]["ontologies"]["CL"]["version"]
+    frame = pd.DataFrame({"soma_joinid": [0], **{c: ["CL:0000236"] for c in TERM_ID_COLUMNS}})
+    for version, expected, why in ((schema, named, f"{named}, as CELLxGENE schema {schema} names it"),
+                                   ("4.0.0", newest, f"{newest}, the newest the guide ships (the guide does not "
+                                                     "list schema 4.0.0)"),
+                                   (None, newest, f"{newest}, the newest the guide ships (the ingest names no "
+                                                  "CELLxGENE schema version)")):
+        ingest = _write_ingest(tmp_path / str(version), [frame])
+        summary = {"dataset_schema_version": version} if version else {}
+        (ingest / "manifest.json").write_text(json.dumps({"complete": True, "census_summary": summary}))
+        result = ingest_ontologies(ingest)
+        terms = pd.read_parquet(result.terms_path).set_index("term_id")
+        assert terms.loc["CL:0000236", "source"] == f"guide:CL {expected}"
+        report = json.loads(result.unresolved_path.read_text())
+        assert report["census_schema"] == version and report["ontologies"]["CL"] == why

@@ -293,9 +293,13 @@ def test_cli_store_commands(tmp_path, capsys):
     config.write_text(DEFAULT_CONFIG.read_text().replace("n_genes: 8000", "n_genes: 2000")
                       .replace("genes_detected: [1000, 5000]", "genes_detected: [200, 800]"))
     args = parser.parse_args(["ingest", "synth-census", "--cells", "400", "--out", str(tmp_path / "s"),
-                              "--config", str(config), "--seed", "1", "--no-progress"])
+                              "--config", str(config), "--seed", "1", "--no-progress", "--layout", "census"])
     assert args.handler(args) == 0
     assert "400 cells x 2000 genes" in capsys.readouterr().out
+    import tiledbsoma
+
+    with tiledbsoma.SparseNDArray.open(str(tmp_path / "s/census_data/homo_sapiens/ms/RNA/X/raw")) as X:
+        assert json.loads(X.schema_config_options().dims)["soma_dim_1"]["tile"] == "2048"
     args = parser.parse_args(["ingest", "synth-census", "--cells", "-1", "--out", str(tmp_path / "t")])
     with pytest.raises(LangCellError, match="--cells"):
         args.handler(args)

@@ -317,11 +317,12 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     device = engine.device
     summary = {}
     stream_position = None
-    window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0, "time": 0.0}
+    window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0}
+    # Losses stay on the device and counts on the host; both are read once per logged step (one
+    # all-reduce, one transfer), so no other step waits for the device.
+    window_start = time.perf_counter()
     while step < stage_cfg.max_steps:
-        t0 = time.perf_counter()
         totals = {}
-        counts = torch.zeros(4, dtype=torch.float64)
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             began, consumed = batch.pop("stream_window"), batch.pop("stream_batch") + 1
@@ -329,50 +330,50 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                                "consumed": consumed}
             flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim,
                                batch_shapes(batch, stage, stage_cfg.losses, cfg.mask_prob))
-            counts += torch.tensor([batch["cell_ids"].shape[0], batch["n_tokens"].item(), batch["n_padded"].item(),
-                                    flops], dtype=torch.float64)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            window.update(cells=window["cells"] + batch["cell_ids"].shape[0],
+                          tokens=window["tokens"] + int(batch["n_tokens"]),
+                          padded=window["padded"] + int(batch["n_padded"]), flops=window["flops"] + flops)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
                                  simcse_temperature=cfg.simcse_temperature)
             engine.backward(loss)
             engine.step()
-            parts["loss"] = float(loss.detach())
+            parts["loss"] = loss.detach()
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum_steps
+                totals[k] = totals.get(k, 0.0) + v.double() / cfg.grad_accum_steps
         step += 1
-        # One all-reduce per step: losses averaged over ranks, counts summed.
-        keys = sorted(totals)
-        packed = torch.tensor([totals[k] / world for k in keys] + counts.tolist(), dtype=torch.float64,
-                              device=_collective_device())
-        torch.distributed.all_reduce(packed)
-        packed = packed.cpu()
-        losses = dict(zip(keys, packed[: len(keys)].tolist()))
-        cells, tokens, padded, flops = packed[len(keys):].tolist()
-        dt = time.perf_counter() - t0
-        window.update(cells=window["cells"] + cells, tokens=window["tokens"] + tokens,
-                      padded=window["padded"] + padded, flops=window["flops"] + flops, time=window["time"] + dt)
         if rank == 0:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", cells_s=f"{cells / dt:.1f}")
         if step % cfg.log_every == 0 or step == stage_cfg.max_steps:
+            # This step's losses averaged over ranks; the window's counts summed over ranks.
+            keys = sorted(totals)
+            counts = torch.tensor([window[k] for k in ("cells", "tokens", "padded", "flops")], dtype=torch.float64)
+            packed = torch.cat([torch.stack([totals[k] for k in keys]) / world, counts.to(device)])
+            packed = packed.to(_collective_device())
+            torch.distributed.all_reduce(packed)
+            packed = packed.cpu()
+            losses = dict(zip(keys, packed[: len(keys)].tolist()))
+            cells, tokens, padded, flops = packed[len(keys):].tolist()
+            elapsed = time.perf_counter() - window_start
             rec = {"step": step, "stage": stage, **losses, "lr": scheduler.get_last_lr()[0],
-                   "cells_per_s": window["cells"] / window["time"], "tokens_per_s": window["tokens"] / window["time"],
-                   "padding_share": 1 - window["tokens"] / window["padded"],
-                   "model_flops_per_s": window["flops"] / window["time"]}
+                   "cells_per_s": cells / elapsed, "tokens_per_s": tokens / elapsed,
+                   "padding_share": 1 - tokens / padded, "model_flops_per_s": flops / elapsed}
             if stage == 2:
                 rec["temperature"] = _temperature(engine)
-            # Model FLOPs of every rank's cells (summed above) over every device's peak.
-            rec["mfu"] = (window["flops"] / window["time"] / (cfg.peak_flops_per_device * world)
+            # Model FLOPs of every rank's cells over every device's peak.
+            rec["mfu"] = (flops / elapsed / (cfg.peak_flops_per_device * world)
                           if on_gpu and cfg.peak_flops_per_device > 0 else None)
             summary = rec
-            window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0, "time": 0.0}
             if rank == 0:
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", cells_s=f"{cells / elapsed:.1f}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 for k, v in rec.items():
                     if isinstance(v, float):
                         writer.add_scalar(f"stage{stage}/{k}", v, step)
+            window = {"cells": 0, "tokens": 0, "padded": 0, "flops": 0.0}
+            window_start = time.perf_counter()
         if step % cfg.checkpoint_every == 0 or step == stage_cfg.max_steps:
             _save(engine, ckpt_dir, step, rank, cfg.keep_checkpoints, stream_position)
     bar.close()

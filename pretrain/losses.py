@@ -220,7 +220,8 @@ def encode_cell_views(model, ids, mask, views: int):
 
 def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
                     simcse_temperature: float) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the stage's objectives and each objective's detached value.
+    """Weighted sum of the stage's objectives and each objective's detached value (on the
+    device: reading it is the caller's choice, since it waits for the device).
 
     An objective with weight 0 is not computed at all (no forward, no cost)."""
     ids, mask = batch["cell_ids"], batch["cell_mask"]
@@ -249,4 +250,4 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
             parts["ctm"] = cell_text_matching(model, h1, mask, batch["text_ids"], batch["text_mask"], index,
                                               has_text, true, (z1 @ text_emb.t()).detach(), scale.detach())
     total = sum(getattr(weights, name) * value for name, value in parts.items())
-    return total, {name: float(value.detach()) for name, value in parts.items()}
+    return total, {name: value.detach() for name, value in parts.items()}

@@ -32,7 +32,12 @@ def test_pbmc68k_h5ad_backed_chunks_equal_in_memory_tokens(tmp_path):
     backed = tokenize_anndata(path, tok, out_dir=tmp_path / "ds", chunk_size=64)
     assert backed["input_ids"] == in_memory["input_ids"]
     assert backed["cell_type"] == labels and backed["length"] == [len(t) for t in expected]
-    assert datasets.load_from_disk(str(tmp_path / "ds")).num_rows == 700
+    # Written once, as the folder `save_to_disk` would make, and read back by datasets itself.
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert loaded.features == in_memory.features and loaded["input_ids"] == in_memory["input_ids"]
+    in_memory.save_to_disk(str(tmp_path / "reference"))
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert not (tmp_path / ".ds.tmp").exists()
 
     adata.obs["filter_pass"] = (np.arange(700) % 3 != 0).astype(int)
     adata.write_h5ad(path)

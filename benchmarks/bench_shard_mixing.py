@@ -49,8 +49,8 @@ BATCH = 64
 
 def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
     """One timed build, in a fresh process whose sys.path starts with the old or the new build code."""
-    import build_sclibrary.build as build_mod
-    from build_sclibrary.config import load_build_config
+    import langcell.build_sclibrary.build as build_mod
+    from langcell.build_sclibrary.config import load_build_config
 
     overrides = {"shard_size": shard_size, "workers": 1}
     timed = {}
@@ -81,8 +81,8 @@ def _child_warm() -> dict:
     kernels outside the timed builds."""
     import scipy.sparse as sp
 
-    import build_sclibrary.tokenizer as tokenizer_mod
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    import langcell.build_sclibrary.tokenizer as tokenizer_mod
+    from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 
     tokens, medians = geneformer_v1_vocab()
     genes = [g for g in tokens if g in medians][:50]
@@ -144,7 +144,7 @@ def _mean_distinct(datasets: list[str]) -> float:
 
 
 def _trainer_distinct(lib: Path, dataset: dict[int, str], args) -> float:
-    from pretrain.data import CellStream, library_shards
+    from langcell.pretrain.data import CellStream, library_shards
 
     stream = CellStream([p for p, _ in library_shards(lib)], rank=0, world=1, seed=0, batch_size=BATCH,
                         shuffle_buffer=2 * args.shard_size, bucket_batches=32, max_length=2048, with_text=False)
@@ -165,9 +165,9 @@ def _mixing(lib: Path, args) -> dict:
 
 
 def _make_ingest(tmp: Path, args) -> float:
-    from ingest.census import ingest_census
-    from ingest.ontology import ingest_ontologies
-    from ingest.synth_census import build_synth_census, load_synth_config
+    from langcell.ingest.census import ingest_census
+    from langcell.ingest.ontology import ingest_ontologies
+    from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
     started = time.perf_counter()
     config = load_synth_config(None, n_datasets=args.datasets)

@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from langcell.errors import LangCellError
 
-from build_sclibrary.tokenizer import RankValueTokenizer
-from build_sclibrary.user_anndata import open_user_anndata
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary.user_anndata import open_user_anndata
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ def add_commands(subparsers) -> None:
 def _build(args: argparse.Namespace) -> int:
     from langcell.errors import LangCellError
 
-    from build_sclibrary.build import build_library
-    from build_sclibrary.config import load_build_config
+    from langcell.build_sclibrary.build import build_library
+    from langcell.build_sclibrary.config import load_build_config
 
     overrides = {"vocab": args.vocab, "split_by": args.split_by, "seed": args.seed, "workers": args.workers,
                  "shard": args.shard, "max_length": args.max_length, "shard_size": args.shard_size,
@@ -85,9 +85,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from build_sclibrary.anndata_io import tokenize_anndata
-    from build_sclibrary.tokenizer import RankValueTokenizer
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    from langcell.build_sclibrary.anndata_io import tokenize_anndata
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 
     threads = args.threads or os.cpu_count() or 1
     if args.vocab:

@@ -10,7 +10,7 @@ from typing import Any
 from langcell.config import from_dict, load_yaml
 from langcell.errors import LangCellError
 
-from build_sclibrary.ingest_io import ASPECTS
+from langcell.build_sclibrary.ingest_io import ASPECTS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "build"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"

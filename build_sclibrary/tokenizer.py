@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from build_sclibrary import rank_kernels
+from langcell.build_sclibrary import rank_kernels
 from langcell.errors import LangCellError
 
 PAD, MASK, CLS = "<pad>", "<mask>", "<cls>"

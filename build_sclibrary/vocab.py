@@ -19,7 +19,7 @@ import numpy as np
 from langcell.errors import LangCellError
 from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
-from build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
+from langcell.build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
 
 REFERENCE_DIR = Path(__file__).parent / "reference" / "geneformer_v1"
 CODING_BIOTYPES = frozenset({"protein_coding", "miRNA"})

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from langcell.errors import LangCellError
-from build_sclibrary.user_anndata import check_path, open_user_anndata
-from eval.model_io import cell_max_length, load_model
-from eval.ontology import CellOntology
-from eval.prompts import class_text, model_prompt
-from eval.scoring import TopKScorer, pad_cells
-from eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
+from langcell.build_sclibrary.user_anndata import check_path, open_user_anndata
+from langcell.eval.model_io import cell_max_length, load_model
+from langcell.eval.ontology import CellOntology
+from langcell.eval.prompts import class_text, model_prompt
+from langcell.eval.scoring import TopKScorer, pad_cells
+from langcell.eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
 
 OBS_COLUMNS = ("langcell_prediction", "langcell_score", "langcell_top3")
 OBSM_KEY = "X_langcell"
@@ -81,7 +81,7 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
     candidates, said on stderr and in `uns['langcell']`."""
     import sys
 
-    from eval.data import make_tokenizer
+    from langcell.eval.data import make_tokenizer
 
     source, input, output = str(input), Path(input), Path(output)
     # The file's own checks need the model's vocabulary; a wrong path need not wait for the model.

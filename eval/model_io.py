@@ -55,7 +55,7 @@ def cell_max_length(model, default: int = 2048) -> int:
 def load_model(path: str | Path, device: str = "cpu", text_tokenizer: str | None = None):
     """(LangCellModel in eval mode, Vocab) for an export folder; a missing module is a LangCellError.
     `text_tokenizer` (folder or HF id) replaces the export's tokenizer (LangCell's release has none)."""
-    from pretrain.export import load_langcell
+    from langcell.pretrain.export import load_langcell
 
     path = check_export(path)
     model = load_langcell(str(path), device=device, text_tokenizer=text_tokenizer)

@@ -81,8 +81,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest import coo_rows
-from ingest.retry import DEFAULT_RETRIES, S3_RETRY_CONFIG, with_retries
+from langcell.ingest import coo_rows
+from langcell.ingest.retry import DEFAULT_RETRIES, S3_RETRY_CONFIG, with_retries
 from langcell.errors import LangCellError
 from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 

@@ -183,8 +183,8 @@ def build_demo_census(out: str | os.PathLike, progress: bool = True) -> DemoSumm
     import pyarrow as pa
     import scipy.sparse as sp
 
-    from ingest.ontology import GuideSource
-    from ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter, DatasetInfo, check_output
+    from langcell.ingest.ontology import GuideSource
+    from langcell.ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter, DatasetInfo, check_output
 
     from tqdm import tqdm
 

@@ -243,7 +243,7 @@ class OboSource:
     still resolve); references to undeclared terms are recorded in `dangling`."""
 
     def __init__(self, files: dict[str, str]):
-        from ingest.obo_files import is_url, load_ontology, read_bytes
+        from langcell.ingest.obo_files import is_url, load_ontology, read_bytes
 
         if not files:
             raise LangCellError("--ontology-file: no ontology files given; pass PREFIX=PATH_OR_URL")
@@ -279,7 +279,7 @@ class OboSource:
 
     def _lookup(self, term_id: str):
         """(ontology name, pronto term) of the declared term, or (None, None)."""
-        from ingest.obo_files import is_stub
+        from langcell.ingest.obo_files import is_stub
 
         for name in self._homes(term_id):
             ontology, index = self.ontologies[name]

@@ -263,7 +263,7 @@ def _rng(state: dict) -> np.random.Generator:
 
 
 def _read_sample(path: str, offset: int) -> dict:
-    from pretrain.tar_reader import read_sample_at
+    from langcell.pretrain.tar_reader import read_sample_at
     try:
         return read_sample_at(path, offset)
     except (OSError, ValueError, tarfile.TarError) as exc:
@@ -284,7 +284,7 @@ class _SampleSource:
         self._start_epoch(state["epoch"] if state else 0, state)
 
     def _start_epoch(self, epoch: int, state: dict | None = None) -> None:
-        from pretrain.tar_reader import ShardReader
+        from langcell.pretrain.tar_reader import ShardReader
         s = self.s
         self.epoch = epoch
         order = np.random.default_rng([s.seed, epoch]).permutation(len(s.shards))
@@ -309,7 +309,7 @@ class _SampleSource:
 
     def next(self) -> tuple[int, tuple[int, int], dict]:
         """(epoch, (shard, byte offset), sample)."""
-        from pretrain.tar_reader import ShardReader
+        from langcell.pretrain.tar_reader import ShardReader
         s = self.s
         while True:
             if not self.readers:

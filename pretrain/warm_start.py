@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from langcell.errors import LangCellError
-from pretrain.config import CellEncoderConfig
+from langcell.pretrain.config import CellEncoderConfig
 
 log = logging.getLogger(__name__)
 

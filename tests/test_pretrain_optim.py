@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pretrain.config import LossWeights, LrMultipliers, ModelConfig, StageConfig
-from pretrain.engine import _optimizer, freeze_unused
-from pretrain.model import LangCellPretrainModel
+from langcell.pretrain.config import LossWeights, LrMultipliers, ModelConfig, StageConfig
+from langcell.pretrain.engine import _optimizer, freeze_unused
+from langcell.pretrain.model import LangCellPretrainModel
 from langcell.config import from_dict
 from tests.pretrain_helpers import MODEL
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -47,10 +48,10 @@ BASELINE = "65111c089bde25fa0ccc8e735467f246534b8041"
 BATCH = 64
 
 
-def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
+def _child_build(package: str, ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
     """One timed build, in a fresh process whose sys.path starts with the old or the new build code."""
-    import langcell.build_sclibrary.build as build_mod
-    from langcell.build_sclibrary.config import load_build_config
+    build_mod = importlib.import_module(f"{package}.build")
+    load_build_config = importlib.import_module(f"{package}.config").load_build_config
 
     overrides = {"shard_size": shard_size, "workers": 1}
     timed = {}
@@ -76,13 +77,13 @@ def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> d
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
-def _child_warm() -> dict:
+def _child_warm(package: str) -> dict:
     """Tokenize a few cells with `tree`'s tokenizer, so that numba compiles (and caches) its
     kernels outside the timed builds."""
     import scipy.sparse as sp
 
-    import langcell.build_sclibrary.tokenizer as tokenizer_mod
-    from langcell.build_sclibrary.vocab import geneformer_v1_vocab
+    tokenizer_mod = importlib.import_module(f"{package}.tokenizer")
+    geneformer_v1_vocab = importlib.import_module(f"{package}.vocab").geneformer_v1_vocab
 
     tokens, medians = geneformer_v1_vocab()
     genes = [g for g in tokens if g in medians][:50]
@@ -108,9 +109,12 @@ def _peak_rss_mb() -> float:
 
 
 def _child(tree: Path, call: str) -> dict:
-    """`call` (a function of this module) in a fresh process whose build code is `tree`'s."""
+    """`call` (a function of this module, given the build package's import name as its first
+    argument) in a fresh process whose build code is `tree`'s."""
+    # The baseline predates the langcell namespace: its build code is the top-level package.
+    package = "langcell.build_sclibrary" if tree == ROOT else "build_sclibrary"
     code = (f"import sys, json; sys.path[:0] = [{str(tree)!r}, {str(ROOT)!r}]; "
-            f"import benchmarks.bench_shard_mixing as bench; print(json.dumps(bench.{call}))")
+            f"import benchmarks.bench_shard_mixing as bench; print(json.dumps(bench.{call.format(package=repr(package))}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{call} with {tree} failed:\n{result.stderr[-3000:]}")
@@ -121,7 +125,7 @@ def _child(tree: Path, call: str) -> dict:
 
 
 def _build(tree: Path, ingest: Path, out: Path, args) -> dict:
-    return _child(tree, f"_child_build({str(ingest)!r}, {str(out)!r}, {args.shard_size}, "
+    return _child(tree, f"_child_build({{package}}, {str(ingest)!r}, {str(out)!r}, {args.shard_size}, "
                         f"{args.bucket_cells})")
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
         for tree in (old_tree, ROOT):
-            _child(tree, "_child_warm()")
+            _child(tree, "_child_warm({package})")
         runs = {"old": [], "new": []}
         for repeat in range(args.repeats):
             for kind, tree in (("old", old_tree), ("new", ROOT)):

@@ -14,7 +14,8 @@ from langcell import __version__
 from langcell.errors import LangCellError
 
 # Each module defines add_commands(subparsers); the order is the order of the pipeline.
-STAGE_CLIS = ("langcell.ingest.cli", "langcell.build_sclibrary.cli", "langcell.pretrain.cli", "langcell.eval.cli", "langcell.demo_cli")
+STAGE_CLIS = ("langcell.ingest.cli", "langcell.build_sclibrary.cli", "langcell.pretrain.cli", "langcell.eval.cli",
+              "langcell.demo_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

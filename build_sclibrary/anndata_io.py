@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 from langcell.build_sclibrary.user_anndata import open_user_anndata

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from langcell.ingest.ontology import split_term_ids
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, read_record, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_json, output_lock, read_json, read_record, sha256_file
 
 from langcell.build_sclibrary import ingest_io, shard_tar, shuffle, stats as stats_mod, vocab as vocab_mod
 from langcell.build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard

@@ -56,7 +56,7 @@ def add_commands(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from langcell.errors import LangCellError
+    from langcell.core.errors import LangCellError
 
     from langcell.build_sclibrary.build import build_library
     from langcell.build_sclibrary.config import load_build_config

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from langcell.config import from_dict, load_yaml
-from langcell.errors import LangCellError
+from langcell.core.config import from_dict, load_yaml
+from langcell.core.errors import LangCellError
 
 from langcell.build_sclibrary.ingest_io import ASPECTS
 

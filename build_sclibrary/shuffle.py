@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path, atomic_write_json, read_record, sha256_file
+from langcell.core.files import atomic_path, atomic_write_json, read_record, sha256_file
 
 from langcell.build_sclibrary import shard_tar
 

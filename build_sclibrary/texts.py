@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from langcell.ingest.ontology import PLACEHOLDERS, split_term_ids
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 from langcell.build_sclibrary.config import TextConfig
 from langcell.build_sclibrary.ingest_io import ASPECTS

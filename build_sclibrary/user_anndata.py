@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
 SYMBOL_MAP = Path(__file__).parent / "reference" / "geneformer_v1" / "gene_symbol_to_ensembl.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
 from langcell.build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
 

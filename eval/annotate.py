@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.build_sclibrary.user_anndata import check_path, open_user_anndata
 from langcell.eval.model_io import cell_max_length, load_model
 from langcell.eval.ontology import CellOntology

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # Rows read from an .h5ad at a time; the baselines need the whole matrix in memory anyway.
 CHUNK_ROWS = 4096

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # What LangCell's published layout needs at minimum; our exports add tokenizer/, vocab/ and
 # langcell_config.json, which the pretrain loader handles (and falls back on for LangCell's).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 
 class CellOntology:

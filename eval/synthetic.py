@@ -26,7 +26,7 @@ def gene_ids(n_genes: int) -> list[str]:
 
 def write_vocab(folder: str | Path, n_genes: int) -> Path:
     """token_dictionary.json (<pad>=0, <mask>=1, genes, <cls> last) and unit medians."""
-    from langcell.files import atomic_write_json
+    from langcell.core.files import atomic_write_json
 
     folder = Path(folder)
     genes = gene_ids(n_genes)

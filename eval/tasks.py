@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.eval import metrics as M
 from langcell.eval import report as R
 from langcell.eval.data import EvalData, check_data_path, few_shot_split, load_eval_data, stratified_split

@@ -83,8 +83,8 @@ import pyarrow.parquet as pq
 
 from langcell.ingest import coo_rows
 from langcell.ingest.retry import DEFAULT_RETRIES, S3_RETRY_CONFIG, with_retries
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json, sha256_file
 
 FORMAT = "langcell-ingest/1"
 ORGANISMS = ("homo_sapiens", "mus_musculus")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from langcell.files import atomic_path, atomic_write_json, output_lock
+    from langcell.core.files import atomic_path, atomic_write_json, output_lock
 
     ingest = Path(ingest)
     if not ingest.is_dir():
@@ -464,7 +464,7 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     manifest_path = ingest / "manifest.json"
     schema_version = None
     if manifest_path.is_file():
-        from langcell.files import read_json
+        from langcell.core.files import read_json
 
         manifest = read_json(manifest_path, "ingest manifest")
         if not manifest.get("complete", False):
@@ -521,7 +521,7 @@ def _obo_escape(text: str) -> str:
 def write_obo(terms: Iterable[Term], path: str | os.PathLike, ontology: str = "subset") -> None:
     """Write terms as a minimal OBO 1.4 file (name, def, EXACT synonyms, one is_a per parent),
     e.g. to hand a resolved subset to OBO tools or to check the pronto path offline."""
-    from langcell.files import atomic_path
+    from langcell.core.files import atomic_path
 
     lines = ["format-version: 1.4", f"ontology: {ontology}", ""]
     for term in terms:

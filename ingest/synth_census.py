@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ingest" / "synth_census.yaml"
 GENEFORMER_DIR = Path(__file__).resolve().parents[1] / "build_sclibrary" / "reference" / "geneformer_v1"
@@ -83,7 +83,7 @@ class SynthConfig:
 
 
 def load_synth_config(path: str | os.PathLike | None = None, **overrides) -> SynthConfig:
-    from langcell.config import load_config
+    from langcell.core.config import load_config
 
     return load_config(SynthConfig, path or DEFAULT_CONFIG, {k: v for k, v in overrides.items() if v is not None})
 

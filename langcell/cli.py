@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from langcell import __version__
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # Each module defines add_commands(subparsers); the order is the order of the pipeline.
 STAGE_CLIS = ("langcell.ingest.cli", "langcell.build_sclibrary.cli", "langcell.pretrain.cli", "langcell.eval.cli",

@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from langcell.config import from_dict, load_yaml
-from langcell.errors import LangCellError
-from langcell.files import atomic_write_bytes, atomic_write_json, display_path, output_lock
+from langcell.core.config import from_dict, load_yaml
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_write_bytes, atomic_write_json, display_path, output_lock
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"

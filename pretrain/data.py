@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from langcell.errors import LangCellError
-from langcell.files import read_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import read_json, sha256_file
 
 LIBRARY_FORMAT = "langcell-sclibrary/1"
 ASPECT_ORDER = ("cell_type", "tissue", "disease", "development_stage", "sex", "assay", "self_reported_ethnicity")

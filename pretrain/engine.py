@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
 from langcell.pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
 from langcell.pretrain.flops import batch_shapes, step_flops
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, read_json
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_json, read_json
 from langcell.pretrain.langcell_layout import (CELL_UNUSED_KEYS, load_strict, load_text_tokenizer, save_bert_tokenizer,
                                       text_state_for_langcell, with_langcell_tokens)
 from langcell.pretrain.model import LangCellModel, TextBert

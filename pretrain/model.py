@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
 from langcell.pretrain.langcell_layout import TEXT_UNUSED_KEYS, load_strict
 from langcell.pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.pretrain.config import CellEncoderConfig
 
 log = logging.getLogger(__name__)

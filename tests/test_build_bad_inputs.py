@@ -13,7 +13,7 @@ from langcell.build_sclibrary.config import load_build_config
 from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 from langcell.cli import main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from tests.build_helpers import rewrite_manifest, write_ingest
 
 

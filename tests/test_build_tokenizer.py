@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 from langcell.build_sclibrary.vocab import geneformer_v1_vocab
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from tests.build_helpers import REF, pbmc68k_counts, reference_tokens
 
 

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from langcell.build_sclibrary.user_anndata import SAMPLE_ROWS, open_user_anndata
 from langcell.eval import synthetic
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 VOCAB = {g: 1.0 for g in synthetic.gene_ids(20)}
 

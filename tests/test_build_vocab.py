@@ -6,7 +6,7 @@ import scipy.sparse as sp
 from langcell.build_sclibrary.build import build_library
 from langcell.build_sclibrary.config import BuildConfig, load_build_config
 from langcell.build_sclibrary.vocab import MedianSketch, corpus_vocab, select_corpus_genes, sketch_chunk
-from langcell.files import read_json
+from langcell.core.files import read_json
 from tests.build_helpers import write_ingest
 
 

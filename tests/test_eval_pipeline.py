@@ -15,7 +15,7 @@ from langcell.eval.model_io import load_model
 from langcell.eval.scoring import TopKScorer, score_cells
 from langcell.eval.suite import headline, run_suite, run_task
 from langcell.cli import main as cli_main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

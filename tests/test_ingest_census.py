@@ -16,7 +16,7 @@ import pytest
 
 from langcell.ingest.census import CRASH_ENV, REQUIRED_OBS, ingest_census, merge_shards
 from langcell.cli import main as langcell_main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 REPO = Path(__file__).resolve().parents[1]
 N_CELLS, N_GENES = 250, 40
@@ -268,7 +268,7 @@ def test_rerun_with_other_arguments_is_refused(store, reference, tmp_path):
 
 
 def test_output_lock_keeps_a_second_run_out(store, tmp_path):
-    from langcell.files import output_lock
+    from langcell.core.files import output_lock
 
     out = tmp_path / "locked"
     with output_lock(out):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 TERM_ID_COLUMNS = [
     "assay_ontology_term_id", "cell_type_ontology_term_id", "development_stage_ontology_term_id",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 CENSUS_OBS_COLUMNS = [
     "dataset_id", "assay", "assay_ontology_term_id", "cell_type", "cell_type_ontology_term_id",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.pretrain.config import TextChoiceConfig
 from langcell.pretrain.data import CellStream, choose_text, library_shards
 from langcell.pretrain.model import resolve_text_model_path

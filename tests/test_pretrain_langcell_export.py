@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.pretrain.config import CellEncoderConfig
 from langcell.pretrain.export import load_langcell, save_langcell
 from langcell.pretrain.model import LangCellModel, TextBert, build_cell_encoder

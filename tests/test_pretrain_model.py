@@ -12,8 +12,8 @@ from langcell.pretrain.config import ModelConfig, load_model_config
 from langcell.pretrain.export import load_langcell, save_langcell
 from langcell.pretrain.losses import mask_genes
 from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer, resolve_text_model_path
-from langcell.config import from_dict
-from langcell.errors import LangCellError
+from langcell.core.config import from_dict
+from langcell.core.errors import LangCellError
 from tests.pretrain_helpers import MODEL, VOCAB
 
 

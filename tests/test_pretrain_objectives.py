@@ -18,7 +18,7 @@ from langcell.pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
 from langcell.pretrain.data import ASPECT_ORDER, choose_text, term_codes
 from langcell.pretrain.losses import (cell_text_contrastive, pretrain_losses, sample_hard_negatives, truth_matrix)
 from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
-from langcell.config import from_dict
+from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL, VOCAB
 
 INIT_SCALE = 1 / 0.07

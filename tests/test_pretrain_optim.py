@@ -11,7 +11,7 @@ import torch
 from langcell.pretrain.config import LossWeights, LrMultipliers, ModelConfig, StageConfig
 from langcell.pretrain.engine import _optimizer, freeze_unused
 from langcell.pretrain.model import LangCellPretrainModel
-from langcell.config import from_dict
+from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from langcell.pretrain.engine import consolidated_state_dict, pretrain
 from tests.pretrain_helpers import REPO, env, read_metrics, run_cli, write_setup
 

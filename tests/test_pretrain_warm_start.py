@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from langcell.config import from_dict
-from langcell.errors import LangCellError
+from langcell.core.config import from_dict
+from langcell.core.errors import LangCellError
 from langcell.pretrain.config import ModelConfig
 from langcell.pretrain.model import LangCellPretrainModel
 from tests.pretrain_helpers import MODEL, VOCAB

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "build_sclibrary", "pretrain", "eval")
-TOP = {"langcell", "langcell.cli", "langcell.demo", "langcell.demo_cli", "langcell.api"}
+TOP = {"langcell", "langcell.cli", "langcell.demo", "langcell.demo_cli"}
 
 
 def _modules() -> dict[str, Path]:

@@ -55,9 +55,21 @@ def _init_distributed():
     import deepspeed
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _no_cpu_ops(deepspeed)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), on_gpu
+
+
+def _no_cpu_ops(deepspeed) -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce op when
+    the op looks buildable: a C++ compiler and ninja at run time, minutes of a small machine's cores,
+    and a failed run where there is no compiler. Marked unavailable, collectives go through gloo,
+    which needs nothing built; the optimizer is torch's AdamW, so no other op is needed on CPU.
+    Set before DeepSpeed probes every op's compatibility (which itself calls the compiler), so the
+    probe never runs."""
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
 
 
 def _collective_device():

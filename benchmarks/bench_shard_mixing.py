@@ -3,8 +3,9 @@
 One synthetic Census store (`ingest.synth_census`, 50 datasets by default) stores its cells dataset
 by dataset, as the real Census does; it is ingested once. The same ingest is then built
 side by side in one run, alternating, each build a fresh process (wall time and peak RSS its own):
-- `old`: `build_sclibrary/` and `configs/` of `--baseline` (the last commit that wrote shards in
-  ingest order), extracted with `git archive` into a temporary folder that comes first on sys.path;
+- `old`: `build_sclibrary/`, `configs/`, `langcell/` and `ingest/` of `--baseline` (the last commit
+  that wrote shards in ingest order), extracted with `git archive` into a temporary folder that
+  comes first on sys.path;
 - `new`: this checkout (seeded random order over each split, build_sclibrary/shuffle.py); the time
   of its cut (reading the buckets back and writing the shards) is also taken on its own.
 
@@ -40,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.record import record_section
-
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Build scLibrary (shard mixing)"
 BASELINE = "65111c089bde25fa0ccc8e735467f246534b8041"
 BATCH = 64
+# The baseline's build code with what it imports as it was then: its top-level `ingest` and its
+# `langcell` (errors/files/config before they moved to langcell.core).
+BASELINE_FOLDERS = ("build_sclibrary", "configs", "langcell", "ingest")
 
 
 def _child_build(package: str, ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
@@ -183,6 +185,10 @@ def _make_ingest(tmp: Path, args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here, not at the top: the baseline's child processes import this module with the baseline's
+    # `langcell` first on sys.path, which has no langcell.core for benchmarks.record.
+    from benchmarks.record import record_section
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=40_000)
     parser.add_argument("--datasets", type=int, default=50)
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"made a {args.cells:,}-cell, {args.datasets}-dataset ingest in {made:.0f}s", flush=True)
         old_tree = tmp / "old"
         old_tree.mkdir()
-        archive = subprocess.run(["git", "archive", args.baseline, "build_sclibrary", "configs"], cwd=ROOT,
+        archive = subprocess.run(["git", "archive", args.baseline, *BASELINE_FOLDERS], cwd=ROOT,
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
         for tree in (old_tree, ROOT):

@@ -80,7 +80,7 @@ def _case(args) -> str:
 
 
 def _store(args, cache: Path, n_cells: int) -> Path:
-    from ingest.synth_census import build_synth_census, load_synth_config
+    from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
     low, high = args.genes_detected
     name = f"synth-{args.layout}-{args.genes}g-{low}-{high}-{n_cells}"
@@ -124,16 +124,16 @@ def _child(args) -> int:
             for table in experiment.ms["RNA"].X["raw"].read().tables():
                 nnz += table.num_rows
     elif mode == "stages":
-        from ingest.allocator import keep_arrow_pages
+        from langcell.ingest.allocator import keep_arrow_pages
 
         keep_arrow_pages()
         print(json.dumps(_stage_costs(store, args.chunk_cells, args.chunk_counts)))
         return 0
     else:
-        from ingest.allocator import keep_arrow_pages
+        from langcell.ingest.allocator import keep_arrow_pages
 
         keep_arrow_pages()  # as `langcell ingest census` does
-        from ingest.census import ingest_census
+        from langcell.ingest.census import ingest_census
 
         manifest = ingest_census(args.out, uri=store, obs_filter=OBS_FILTER, chunk_cells=args.chunk_cells,
                                  chunk_counts=args.chunk_counts, cells_per_part=args.cells_per_part, progress=False)
@@ -152,7 +152,7 @@ def _stage_costs(store: str, chunk_cells: int, chunk_counts: int, n_chunks: int 
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ingest import census, coo_rows
+    from langcell.ingest import census, coo_rows
 
     def clock():
         usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from pretrain.synthetic import write_synthetic_library
+    from langcell.pretrain.synthetic import write_synthetic_library
     work = Path(tempfile.mkdtemp(prefix="bench_pretrain."))
     try:
         lib = write_synthetic_library(work / "lib", n_cells=args.cells, n_shards=4, min_len=256, max_len=MAX_LEN)
@@ -76,7 +76,7 @@ def _config(args, work: Path, model: str, steps: int) -> Path:
 
 
 def _ours(args, lib: Path, work: Path) -> dict:
-    from pretrain.engine import pretrain
+    from langcell.pretrain.engine import pretrain
     run = work / "run"
     pretrain(_config(args, work, "tiny", args.steps), lib, run, 1)
     rows = [json.loads(x) for x in (run / "stage1" / "metrics.jsonl").read_text().splitlines()][args.warmup:]
@@ -94,9 +94,9 @@ def _baseline(args, lib: Path) -> dict:
     import torch
     from webdataset.tariterators import tarfile_samples
 
-    from pretrain.config import load_model_config, load_pretrain_config
-    from pretrain.data import library_shards
-    from pretrain.model import LangCellPretrainModel
+    from langcell.pretrain.config import load_model_config, load_pretrain_config
+    from langcell.pretrain.data import library_shards
+    from langcell.pretrain.model import LangCellPretrainModel
     torch.manual_seed(0)
     cfg = load_pretrain_config("tiny")
     model = LangCellPretrainModel(load_model_config("tiny"), with_text=False).train()
@@ -126,7 +126,7 @@ def _baseline(args, lib: Path) -> dict:
 
 def _gpu_mfu(args, lib: Path, work: Path) -> dict:
     """GPU only: the `base` model (Geneformer-12L + BERT-base text) in bf16, stage 1; MFU as logged."""
-    from pretrain.engine import pretrain
+    from langcell.pretrain.engine import pretrain
     run = work / "run_gpu"
     pretrain(_config(args, work, "base", args.steps), lib, run, 1)
     rows = [json.loads(x) for x in (run / "stage1" / "metrics.jsonl").read_text().splitlines()][args.warmup:]

@@ -3,8 +3,9 @@
 One synthetic Census store (`ingest.synth_census`, 50 datasets by default) stores its cells dataset
 by dataset, as the real Census does; it is ingested once. The same ingest is then built
 side by side in one run, alternating, each build a fresh process (wall time and peak RSS its own):
-- `old`: `build_sclibrary/` and `configs/` of `--baseline` (the last commit that wrote shards in
-  ingest order), extracted with `git archive` into a temporary folder that comes first on sys.path;
+- `old`: `build_sclibrary/`, `configs/`, `langcell/` and `ingest/` of `--baseline` (the last commit
+  that wrote shards in ingest order), extracted with `git archive` into a temporary folder that
+  comes first on sys.path;
 - `new`: this checkout (seeded random order over each split, build_sclibrary/shuffle.py); the time
   of its cut (reading the buckets back and writing the shards) is also taken on its own.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -39,18 +41,19 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.record import record_section
-
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Build scLibrary (shard mixing)"
 BASELINE = "65111c089bde25fa0ccc8e735467f246534b8041"
 BATCH = 64
+# The baseline's build code with what it imports as it was then: its top-level `ingest` and its
+# `langcell` (errors/files/config before they moved to langcell.core).
+BASELINE_FOLDERS = ("build_sclibrary", "configs", "langcell", "ingest")
 
 
-def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
+def _child_build(package: str, ingest: str, out: str, shard_size: int, bucket_cells: int) -> dict:
     """One timed build, in a fresh process whose sys.path starts with the old or the new build code."""
-    import build_sclibrary.build as build_mod
-    from build_sclibrary.config import load_build_config
+    build_mod = importlib.import_module(f"{package}.build")
+    load_build_config = importlib.import_module(f"{package}.config").load_build_config
 
     overrides = {"shard_size": shard_size, "workers": 1}
     timed = {}
@@ -76,13 +79,13 @@ def _child_build(ingest: str, out: str, shard_size: int, bucket_cells: int) -> d
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
-def _child_warm() -> dict:
+def _child_warm(package: str) -> dict:
     """Tokenize a few cells with `tree`'s tokenizer, so that numba compiles (and caches) its
     kernels outside the timed builds."""
     import scipy.sparse as sp
 
-    import build_sclibrary.tokenizer as tokenizer_mod
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    tokenizer_mod = importlib.import_module(f"{package}.tokenizer")
+    geneformer_v1_vocab = importlib.import_module(f"{package}.vocab").geneformer_v1_vocab
 
     tokens, medians = geneformer_v1_vocab()
     genes = [g for g in tokens if g in medians][:50]
@@ -108,9 +111,12 @@ def _peak_rss_mb() -> float:
 
 
 def _child(tree: Path, call: str) -> dict:
-    """`call` (a function of this module) in a fresh process whose build code is `tree`'s."""
+    """`call` (a function of this module, given the build package's import name as its first
+    argument) in a fresh process whose build code is `tree`'s."""
+    # The baseline predates the langcell namespace: its build code is the top-level package.
+    package = "langcell.build_sclibrary" if tree == ROOT else "build_sclibrary"
     code = (f"import sys, json; sys.path[:0] = [{str(tree)!r}, {str(ROOT)!r}]; "
-            f"import benchmarks.bench_shard_mixing as bench; print(json.dumps(bench.{call}))")
+            f"import benchmarks.bench_shard_mixing as bench; print(json.dumps(bench.{call.format(package=repr(package))}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{call} with {tree} failed:\n{result.stderr[-3000:]}")
@@ -121,7 +127,7 @@ def _child(tree: Path, call: str) -> dict:
 
 
 def _build(tree: Path, ingest: Path, out: Path, args) -> dict:
-    return _child(tree, f"_child_build({str(ingest)!r}, {str(out)!r}, {args.shard_size}, "
+    return _child(tree, f"_child_build({{package}}, {str(ingest)!r}, {str(out)!r}, {args.shard_size}, "
                         f"{args.bucket_cells})")
 
 
@@ -144,7 +150,7 @@ def _mean_distinct(datasets: list[str]) -> float:
 
 
 def _trainer_distinct(lib: Path, dataset: dict[int, str], args) -> float:
-    from pretrain.data import CellStream, library_shards
+    from langcell.pretrain.data import CellStream, library_shards
 
     stream = CellStream([p for p, _ in library_shards(lib)], rank=0, world=1, seed=0, batch_size=BATCH,
                         shuffle_buffer=2 * args.shard_size, bucket_batches=32, max_length=2048, with_text=False)
@@ -165,9 +171,9 @@ def _mixing(lib: Path, args) -> dict:
 
 
 def _make_ingest(tmp: Path, args) -> float:
-    from ingest.census import ingest_census
-    from ingest.ontology import ingest_ontologies
-    from ingest.synth_census import build_synth_census, load_synth_config
+    from langcell.ingest.census import ingest_census
+    from langcell.ingest.ontology import ingest_ontologies
+    from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
     started = time.perf_counter()
     config = load_synth_config(None, n_datasets=args.datasets)
@@ -179,6 +185,10 @@ def _make_ingest(tmp: Path, args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here, not at the top: the baseline's child processes import this module with the baseline's
+    # `langcell` first on sys.path, which has no langcell.core for benchmarks.record.
+    from benchmarks.record import record_section
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=40_000)
     parser.add_argument("--datasets", type=int, default=50)
@@ -196,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"made a {args.cells:,}-cell, {args.datasets}-dataset ingest in {made:.0f}s", flush=True)
         old_tree = tmp / "old"
         old_tree.mkdir()
-        archive = subprocess.run(["git", "archive", args.baseline, "build_sclibrary", "configs"], cwd=ROOT,
+        archive = subprocess.run(["git", "archive", args.baseline, *BASELINE_FOLDERS], cwd=ROOT,
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
         for tree in (old_tree, ROOT):
-            _child(tree, "_child_warm()")
+            _child(tree, "_child_warm({package})")
         runs = {"old": [], "new": []}
         for repeat in range(args.repeats):
             for kind, tree in (("old", old_tree), ("new", ROOT)):

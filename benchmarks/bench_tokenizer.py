@@ -54,7 +54,7 @@ CHUNK = 4096
 
 
 def _vocab():
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 
     return geneformer_v1_vocab()
 
@@ -134,7 +134,7 @@ def langcell_dense(path: str, max_length: int = 2048) -> _Digest:
 def ours_h5ad(path: str, max_length: int = 2048) -> _Digest:
     import anndata
 
-    from build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
     tokens, medians = _vocab()
     tok = RankValueTokenizer(tokens, medians, max_length=max_length, threads=os.cpu_count() or 1)
@@ -152,7 +152,7 @@ def ours_stream(path: str, repeats: int, max_length: int = 2048):
     """The tokenizer alone over `repeats` passes of the file's cells in CHUNK-cell CSR chunks."""
     import anndata
 
-    from build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
     tokens, medians = _vocab()
     tok = RankValueTokenizer(tokens, medians, max_length=max_length)
@@ -176,8 +176,8 @@ def ours_stream(path: str, repeats: int, max_length: int = 2048):
 
 
 def ours_tokenize_anndata(path: str, out: str, max_length: int = 2048):
-    from build_sclibrary.anndata_io import tokenize_anndata
-    from build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.anndata_io import tokenize_anndata
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
     tokens, medians = _vocab()
     tokenize_anndata(path, RankValueTokenizer(tokens, medians, max_length=max_length, threads=os.cpu_count() or 1),
@@ -196,8 +196,8 @@ def _dataset_digest(out: str) -> _Digest:
 
 
 def build_case(ingest: str, workers: int) -> dict:
-    from build_sclibrary.build import build_library
-    from build_sclibrary.config import load_build_config
+    from langcell.build_sclibrary.build import build_library
+    from langcell.build_sclibrary.config import load_build_config
 
     with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
         started = time.perf_counter()
@@ -214,8 +214,8 @@ def _import_libraries() -> None:
     import datasets  # noqa: F401
     import scipy.sparse  # noqa: F401
 
-    import build_sclibrary.anndata_io  # noqa: F401
-    import build_sclibrary.build  # noqa: F401
+    import langcell.build_sclibrary.anndata_io  # noqa: F401
+    import langcell.build_sclibrary.build  # noqa: F401
 
 
 def run_case(case: str, path: str, repeats: int) -> dict:
@@ -244,9 +244,9 @@ def run_case(case: str, path: str, repeats: int) -> dict:
 
 
 def _build_cases(tmp: Path, n_cells: int) -> list[dict]:
-    from ingest.census import ingest_census
-    from ingest.ontology import ingest_ontologies
-    from ingest.synth_census import build_synth_census
+    from langcell.ingest.census import ingest_census
+    from langcell.ingest.ontology import ingest_ontologies
+    from langcell.ingest.synth_census import build_synth_census
 
     started = time.perf_counter()
     build_synth_census(tmp / "store", n_cells, seed=0, progress=False)

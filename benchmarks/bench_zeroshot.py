@@ -58,7 +58,7 @@ def _args(argv):
 
 
 def _synthetic(root: Path, n_types: int, cells: int, steps: int):
-    from eval import synthetic
+    from langcell.eval import synthetic
 
     types = synthetic.many_types(n_types, seed=0)
     n_genes = 10 * n_types + 40
@@ -78,7 +78,7 @@ def _compare(methods: dict, model, texts, seqs, y, batch_size, pad_id, repeats):
     over both sides."""
     import torch
 
-    from eval.scoring import TopKScorer, score_cells
+    from langcell.eval.scoring import TopKScorer, score_cells
 
     scorers = {name: TopKScorer(model, texts, **kw) for name, kw in methods.items()}
     for name, scorer in scorers.items():
@@ -104,11 +104,11 @@ def _compare(methods: dict, model, texts, seqs, y, batch_size, pad_id, repeats):
 def main(argv=None) -> dict:
     import torch
 
-    from eval.data import load_eval_data
-    from eval.model_io import cell_max_length, load_model
-    from eval.ontology import CellOntology
-    from eval.prompts import model_prompt
-    from eval.tasks import class_descriptions
+    from langcell.eval.data import load_eval_data
+    from langcell.eval.model_io import cell_max_length, load_model
+    from langcell.eval.ontology import CellOntology
+    from langcell.eval.prompts import model_prompt
+    from langcell.eval.tasks import class_descriptions
 
     args = _args(argv if argv is not None else [])
     torch.set_num_threads(max(1, args.threads))

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
-from build_sclibrary.tokenizer import RankValueTokenizer
-from build_sclibrary.user_anndata import open_user_anndata
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary.user_anndata import open_user_anndata
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,27 @@ def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str 
             report.update(n_genes=match.n_genes, n_matched=match.n_matched, share=round(match.share, 4),
                           matched_by=match.kind, gene_column=match.column, counts_from=user.counts_from)
         return _tokenize(user, tokenizer, out_dir, chunk_size, obs_columns, progress, report)
+
+
+def tokenize(path_or_adata, vocab: str | os.PathLike | None = None, *, max_length: int = 2048,
+             threads: int | None = None, out_dir: str | os.PathLike | None = None, chunk_size: int = 2048,
+             layer: str | None = None, gene_column: str | None = None, min_gene_match: float = 0.5,
+             progress: bool = False, report: dict | None = None):
+    """`langcell tokenize`: a user's AnnData (in memory, backed or a path) as a `datasets.Dataset`
+    of rank-value tokens, with Geneformer v1's vocabulary or `vocab` (a library's `vocab/` folder).
+    Rows are the cells kept by `tokenize_anndata` (all, or those with `filter_pass == 1`)."""
+    threads = threads or os.cpu_count() or 1
+    if vocab:
+        tokenizer = RankValueTokenizer.from_vocab_dir(vocab, max_length=max_length, threads=threads)
+    else:
+        from langcell.build_sclibrary.vocab import geneformer_v1_vocab
+
+        tokens, medians = geneformer_v1_vocab()
+        tokenizer = RankValueTokenizer(tokens, medians, max_length=max_length, source="geneformer-v1",
+                                       threads=threads)
+    return tokenize_anndata(path_or_adata, tokenizer, out_dir=out_dir, chunk_size=chunk_size, layer=layer,
+                            gene_column=gene_column, min_gene_match=min_gene_match, progress=progress,
+                            report=report)
 
 
 def _tokenize(user, tokenizer, out_dir, chunk_size, obs_columns, progress, report):

@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ingest.ontology import split_term_ids
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, output_lock, read_json, read_record, sha256_file
+from langcell.ingest.ontology import split_term_ids
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_json, output_lock, read_json, read_record, sha256_file
 
-from build_sclibrary import ingest_io, shard_tar, shuffle, stats as stats_mod, vocab as vocab_mod
-from build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard
-from build_sclibrary.splits import assign_splits
-from build_sclibrary.texts import TextBuilder, load_terms
-from build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary import ingest_io, shard_tar, shuffle, stats as stats_mod, vocab as vocab_mod
+from langcell.build_sclibrary.config import SPLITS, BuildConfig, load_text_config, parse_shard
+from langcell.build_sclibrary.splits import assign_splits
+from langcell.build_sclibrary.texts import TextBuilder, load_terms
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
 LIB_FORMAT = "langcell-sclibrary/1"
 # Cell key with several ingests: ingest i's cell j is i * KEY_STRIDE + j. The key stays an integer
@@ -358,7 +358,7 @@ def _resources(job: _PartJob):
     """Tokenizer and text builder, loaded once per worker process."""
     key = (job.out, json.dumps(job.vocab_sha, sort_keys=True), tuple(job.term_roots))
     if _CACHE.get("key") != key:
-        from build_sclibrary.config import TextConfig
+        from langcell.build_sclibrary.config import TextConfig
 
         tokenizer = RankValueTokenizer.from_vocab_dir(Path(job.out) / "vocab", max_length=job.config["max_length"])
         texts = TextBuilder(_union_terms(job.term_roots), TextConfig(**job.text_config))

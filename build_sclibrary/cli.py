@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_commands(subparsers) -> None:
@@ -56,10 +55,10 @@ def add_commands(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from langcell.errors import LangCellError
+    from langcell.core.errors import LangCellError
 
-    from build_sclibrary.build import build_library
-    from build_sclibrary.config import load_build_config
+    from langcell.build_sclibrary.build import build_library
+    from langcell.build_sclibrary.config import load_build_config
 
     overrides = {"vocab": args.vocab, "split_by": args.split_by, "seed": args.seed, "workers": args.workers,
                  "shard": args.shard, "max_length": args.max_length, "shard_size": args.shard_size,
@@ -85,21 +84,12 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from build_sclibrary.anndata_io import tokenize_anndata
-    from build_sclibrary.tokenizer import RankValueTokenizer
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    from langcell.build_sclibrary.anndata_io import tokenize
 
-    threads = args.threads or os.cpu_count() or 1
-    if args.vocab:
-        tokenizer = RankValueTokenizer.from_vocab_dir(args.vocab, max_length=args.max_length, threads=threads)
-    else:
-        tokens, medians = geneformer_v1_vocab()
-        tokenizer = RankValueTokenizer(tokens, medians, max_length=args.max_length, source="geneformer-v1",
-                                       threads=threads)
     report: dict = {}
-    dataset = tokenize_anndata(args.input, tokenizer, out_dir=args.out, chunk_size=args.chunk_size,
-                               layer=args.layer, gene_column=args.gene_column,
-                               min_gene_match=args.min_gene_match, progress=True, report=report)
+    dataset = tokenize(args.input, args.vocab, max_length=args.max_length, threads=args.threads, out_dir=args.out,
+                       chunk_size=args.chunk_size, layer=args.layer, gene_column=args.gene_column,
+                       min_gene_match=args.min_gene_match, progress=True, report=report)
     print(f"{report['n_matched']:,} of {report['n_genes']:,} genes ({100 * report['share']:.1f}%, by "
           f"{report['matched_by']}) are in the vocabulary; {dataset.num_rows:,} cells tokenized to {args.out} "
           f"(n_counts from {report['n_counts_from']})")

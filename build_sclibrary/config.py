@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from langcell.config import from_dict, load_yaml
-from langcell.errors import LangCellError
+from langcell.core.config import from_dict, load_yaml
+from langcell.core.errors import LangCellError
 
-from build_sclibrary.ingest_io import ASPECTS
+from langcell.build_sclibrary.ingest_io import ASPECTS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "build"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from langcell.errors import LangCellError
-from langcell.files import read_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import read_json, sha256_file
 
 INGEST_FORMAT = "langcell-ingest/1"
 # Identity columns copied into meta.json / the HF datasets (labels and their term ids).

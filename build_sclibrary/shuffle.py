@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path, atomic_write_json, read_record, sha256_file
+from langcell.core.files import atomic_path, atomic_write_json, read_record, sha256_file
 
-from build_sclibrary import shard_tar
+from langcell.build_sclibrary import shard_tar
 
 # Generator streams of the two draws; the seed's stream 0 is the split assignment's.
 SCATTER_STREAM = 1

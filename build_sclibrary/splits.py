@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 TRAIN, VAL, TEST = 0, 1, 2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path
+from langcell.core.files import atomic_path
 
 TOP = 20
 

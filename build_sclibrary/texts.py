@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from ingest.ontology import PLACEHOLDERS, split_term_ids
-from langcell.errors import LangCellError
+from langcell.ingest.ontology import PLACEHOLDERS, split_term_ids
+from langcell.core.errors import LangCellError
 
-from build_sclibrary.config import TextConfig
-from build_sclibrary.ingest_io import ASPECTS
+from langcell.build_sclibrary.config import TextConfig
+from langcell.build_sclibrary.ingest_io import ASPECTS
 
 
 @dataclass

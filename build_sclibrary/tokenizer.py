@@ -25,8 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from build_sclibrary import rank_kernels
-from langcell.errors import LangCellError
+from langcell.build_sclibrary import rank_kernels
+from langcell.core.errors import LangCellError
 
 PAD, MASK, CLS = "<pad>", "<mask>", "<cls>"
 TARGET_SUM = 10_000
@@ -81,7 +81,7 @@ class RankValueTokenizer:
     def from_vocab_dir(cls, vocab_dir: str | os.PathLike, max_length: int = 2048,
                        threads: int = 1) -> "RankValueTokenizer":
         """Load `token_dictionary.json` and `gene_median_dictionary.json` from a `LIB/vocab` folder."""
-        from langcell.files import read_json
+        from langcell.core.files import read_json
 
         tokens = read_json(os.path.join(vocab_dir, "token_dictionary.json"), "token dictionary")
         medians = read_json(os.path.join(vocab_dir, "gene_median_dictionary.json"), "gene medians")

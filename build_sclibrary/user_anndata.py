@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
 SYMBOL_MAP = Path(__file__).parent / "reference" / "geneformer_v1" / "gene_symbol_to_ensembl.json"
@@ -231,6 +231,9 @@ def open_user_anndata(path_or_adata, vocabulary, *, layer: str | None = None, ge
     """
     import anndata
 
+    if isinstance(path_or_adata, anndata.AnnData) and path_or_adata.isbacked:
+        # A backed AnnData's counts are its file's: read them as a path's are, by rows.
+        path_or_adata = path_or_adata.filename
     if isinstance(path_or_adata, anndata.AnnData):
         adata, source = path_or_adata, "AnnData"
         key = _counts_key(list(adata.layers.keys()), layer, source)

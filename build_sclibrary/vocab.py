@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
-from build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
+from langcell.build_sclibrary.tokenizer import CLS, MASK, PAD, TARGET_SUM
 
 REFERENCE_DIR = Path(__file__).parent / "reference" / "geneformer_v1"
 CODING_BIOTYPES = frozenset({"protein_coding", "miRNA"})

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
-from build_sclibrary.user_anndata import check_path, open_user_anndata
-from eval.model_io import cell_max_length, load_model
-from eval.ontology import CellOntology
-from eval.prompts import class_text, model_prompt
-from eval.scoring import TopKScorer, pad_cells
-from eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
+from langcell.core.errors import LangCellError
+from langcell.build_sclibrary.user_anndata import check_path, open_user_anndata
+from langcell.eval.model_io import LoadedModel, open_model
+from langcell.eval.ontology import CellOntology
+from langcell.eval.prompts import class_text, model_prompt
+from langcell.eval.scoring import TopKScorer, pad_cells
+from langcell.eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
 
 OBS_COLUMNS = ("langcell_prediction", "langcell_score", "langcell_top3")
 OBSM_KEY = "X_langcell"
@@ -79,17 +79,59 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
     """Annotate `input` into `output`; returns a summary (cells, candidates, prediction counts,
     scoring). `top_k=None` is LangCell's exact formula, or top-AUTO_TOP_K above AUTO_TOP_K_ABOVE
     candidates, said on stderr and in `uns['langcell']`."""
-    import sys
-
-    from eval.data import make_tokenizer
-
     source, input, output = str(input), Path(input), Path(output)
     # The file's own checks need the model's vocabulary; a wrong path need not wait for the model.
     check_path(input)
+    loaded = open_model(model, device, text_tokenizer)
+    plan = _plan(loaded, cell_types, ontology_root, ontology_terms, top_k, alpha)
+    with open_user_anndata(source, loaded.vocab.token_dictionary, min_gene_match=min_gene_overlap) as user:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.parent / f".{output.name}.annotate.tmp"
+        shutil.copyfile(input, tmp)
+        try:
+            pred = _annotate_file(user, tmp, plan, loaded, chunk_size, batch_size)
+            os.replace(tmp, output)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return _summary(user, plan, pred)
+
+
+def annotate_adata(adata, model, cell_types: list[str] | None = None, ontology_root: str | None = None, *,
+                   key_added: str = UNS_KEY, copy: bool = False, ontology_terms: str | None = None,
+                   chunk_size: int = 4096, batch_size: int = 32, top_k: int | None = None, alpha: float = 0.1,
+                   min_gene_overlap: float = 0.25, layer: str | None = None, gene_column: str | None = None):
+    """`annotate` on an AnnData in memory (or backed): the same fields, named from `key_added`
+    (`{key}_prediction`, `{key}_score`, `{key}_top3` in obs, `X_{key}` in obsm, `uns[key]`; the
+    default is the CLI's names). `model` is a `LoadedModel` or what `open_model` takes. Writes into
+    `adata` and returns None, or into a copy that it returns when `copy`."""
+    loaded = model if isinstance(model, LoadedModel) else open_model(model)
+    plan = _plan(loaded, cell_types, ontology_root, ontology_terms, top_k, alpha)
+    with open_user_anndata(adata, loaded.vocab.token_dictionary, layer=layer, gene_column=gene_column,
+                           min_gene_match=min_gene_overlap) as user:
+        parts = list(_score_chunks(user, plan, loaded, chunk_size, batch_size))
+    best, score, emb = (np.concatenate([part[i] for part in parts]) for i in (2, 3, 4))
+    target = adata.copy() if copy else adata
+    for column, values in zip(OBS_COLUMNS, _obs_values(plan, best, score)):
+        target.obs[column.replace(UNS_KEY, key_added, 1)] = values
+    target.obsm[f"X_{key_added}"] = emb
+    target.uns[key_added] = plan.scoring
+    return target if copy else None
+
+
+@dataclass
+class _Plan:
+    candidates: Candidates
+    names: np.ndarray   # candidate names, object array, indexed by the scorer's class index
+    scorer: TopKScorer
+    scoring: dict       # what uns records about how the cells were scored
+
+
+def _plan(loaded: LoadedModel, cell_types, ontology_root, ontology_terms, top_k, alpha) -> _Plan:
+    import sys
+
     ontology = CellOntology.load(ontology_terms)
-    net, vocab = load_model(model, device, text_tokenizer)
-    cands = candidate_types(cell_types, ontology_root, ontology, model_prompt(net))
-    tokenizer = make_tokenizer(vocab, cell_max_length(net))
+    cands = candidate_types(cell_types, ontology_root, ontology, model_prompt(loaded.net))
     n_cands = len(cands.names)
     if top_k is None and n_cands > AUTO_TOP_K_ABOVE:
         top_k = AUTO_TOP_K
@@ -98,38 +140,56 @@ def annotate(model: str | os.PathLike, input: str | os.PathLike, output: str | o
               file=sys.stderr)
     exact = top_k is None or top_k >= n_cands
     scoring = {"scoring": "exact" if exact else "top-k", "top_k": None if exact else int(top_k),
-               "n_candidates": n_cands, "alpha": float(alpha), "class_prompt": model_prompt(net)["template"]}
-    scorer = TopKScorer(net, cands.texts, alpha=alpha, top_k=top_k)
-    with open_user_anndata(source, vocab.token_dictionary, min_gene_match=min_gene_overlap) as user:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.parent / f".{output.name}.annotate.tmp"
-        shutil.copyfile(input, tmp)
-        try:
-            pred = _annotate_into(user, tmp, scorer, tokenizer, vocab.pad_id, np.asarray(cands.names, dtype=object),
-                                  chunk_size, batch_size, scoring)
-            os.replace(tmp, output)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    counts = {str(k): int(v) for k, v in zip(*np.unique(pred.astype(str), return_counts=True))}
+               "n_candidates": n_cands, "alpha": float(alpha), "class_prompt": model_prompt(loaded.net)["template"]}
+    scorer = TopKScorer(loaded.net, cands.texts, alpha=alpha, top_k=top_k)
+    return _Plan(cands, np.asarray(cands.names, dtype=object), scorer, scoring)
+
+
+def _score_chunks(user, plan: _Plan, loaded: LoadedModel, chunk_size: int, batch_size: int):
+    """(start, stop, best [n, <=3] candidate indices best first, fused score of the best [n],
+    embeddings [n, width]) for each `chunk_size` rows of `user`: the one scoring loop of both the
+    file and the in-memory annotate."""
+    width, k = plan.scorer.text_embeds.shape[1], min(3, len(plan.names))
+    for start, stop, batches in loaded.cell_chunks(user, chunk_size, batch_size, "annotate"):
+        best = np.zeros((stop - start, k), np.int64)
+        score = np.zeros(stop - start, np.float32)
+        embeds = np.zeros((stop - start, width), np.float32)
+        for offset, ids, mask in batches:
+            res = plan.scorer.score(ids, mask)
+            fused = res.fused.numpy()
+            at = slice(offset, offset + len(ids))
+            best[at] = np.argsort(-fused, axis=1)[:, :k]
+            score[at] = fused[np.arange(len(ids)), best[at, 0]]
+            embeds[at] = res.embeds.numpy()
+        yield start, stop, best, score, embeds
+
+
+def _obs_values(plan: _Plan, best: np.ndarray, score: np.ndarray) -> tuple:
+    """The obs columns' values, in OBS_COLUMNS order, as the file and in-memory paths store them."""
+    import pandas as pd
+
+    names = plan.names
+    pred = pd.Categorical(names[best[:, 0]].astype(str))
+    top3 = np.asarray(["; ".join(names[row]) for row in best], dtype=object).astype(str)
+    return pred, score, top3
+
+
+def _summary(user, plan: _Plan, pred) -> dict:
+    counts = {str(k): int(v) for k, v in zip(*np.unique(np.asarray(pred).astype(str), return_counts=True))}
+    cands = plan.candidates
     return {"n_cells": user.n_obs, "n_candidates": len(cands.names), "gene_overlap": round(user.genes.share, 4),
             "gene_ids_from": f"{user.genes.column} as {user.genes.kind}", "counts_from": user.counts_from,
-            "candidates": dict(zip(cands.names, cands.sources)), "predictions": counts, **scoring}
+            "candidates": dict(zip(cands.names, cands.sources)), "predictions": counts, **plan.scoring}
 
 
-def _annotate_into(user, tmp: Path, scorer, tokenizer, pad_id: int, names, chunk_size: int, batch_size: int,
-                   scoring: dict):
-    """Write predictions into obs, embeddings into obsm and `scoring` into uns of `tmp` (a copy of
-    the input); returns the predictions."""
+def _annotate_file(user, tmp: Path, plan: _Plan, loaded: LoadedModel, chunk_size: int, batch_size: int):
+    """Write predictions into obs, embeddings into obsm and the scoring into uns of `tmp` (a copy
+    of the input), embeddings chunk by chunk; returns the predictions."""
     import h5py
     from anndata.io import read_elem, write_elem
-    from tqdm import tqdm
 
-    n = user.n_obs
-    pred = np.empty(n, dtype=object)
-    score = np.zeros(n, dtype=np.float32)
-    top3 = np.empty(n, dtype=object)
-    n_counts = user.n_counts
+    n, width = user.n_obs, plan.scorer.text_embeds.shape[1]
+    best, score = np.zeros((n, min(3, len(plan.names))), np.int64), np.zeros(n, np.float32)
     with h5py.File(tmp, "r+") as dst:
         obs = read_elem(dst["obs"])
         had_obsm = "obsm" in dst
@@ -138,37 +198,19 @@ def _annotate_into(user, tmp: Path, scorer, tokenizer, pad_id: int, names, chunk
             obsm.attrs["encoding-type"], obsm.attrs["encoding-version"] = "dict", "0.1.0"
         if OBSM_KEY in obsm:
             del obsm[OBSM_KEY]
-        width = scorer.text_embeds.shape[1]
         emb = obsm.create_dataset(OBSM_KEY, shape=(n, width), dtype="float32", chunks=(min(n, 1024), width))
         emb.attrs["encoding-type"], emb.attrs["encoding-version"] = "array", "0.2.0"
-        with tqdm(total=n, desc="annotate", unit="cell") as bar:
-            for start in range(0, n, chunk_size):
-                stop = min(n, start + chunk_size)
-                seqs = tokenizer.tokenize_csr(user.rows(start, stop), user.genes.gene_ids,
-                                              None if n_counts is None else n_counts[start:stop])
-                chunk_emb = np.zeros((stop - start, width), np.float32)
-                for b in range(0, len(seqs), batch_size):
-                    ids, mask = pad_cells(seqs[b:b + batch_size], pad_id)
-                    res = scorer.score(ids, mask)
-                    fused = res.fused.numpy()
-                    best = np.argsort(-fused, axis=1)[:, :3]
-                    at = slice(start + b, start + b + len(ids))
-                    pred[at] = names[best[:, 0]]
-                    score[at] = fused[np.arange(len(ids)), best[:, 0]]
-                    top3[at] = ["; ".join(names[r]) for r in best]
-                    chunk_emb[b:b + len(ids)] = res.embeds.numpy()
-                    bar.update(len(ids))
-                emb[start:stop] = chunk_emb
-        for col, values in zip(OBS_COLUMNS, (pred, score, top3)):
-            obs[col] = values
-        obs["langcell_prediction"] = obs["langcell_prediction"].astype("category")
-        obs["langcell_top3"] = obs["langcell_top3"].astype(str)
+        for start, stop, chunk_best, chunk_score, chunk_emb in _score_chunks(user, plan, loaded, chunk_size,
+                                                                              batch_size):
+            best[start:stop], score[start:stop], emb[start:stop] = chunk_best, chunk_score, chunk_emb
+        values = _obs_values(plan, best, score)
+        for col, column_values in zip(OBS_COLUMNS, values):
+            obs[col] = column_values
         del dst["obs"]
         write_elem(dst, "obs", obs)
         if "uns" not in dst:
             write_elem(dst, "uns", {})
         if UNS_KEY in dst["uns"]:
             del dst["uns"][UNS_KEY]
-        write_elem(dst["uns"], UNS_KEY, scoring)
-    return pred
-
+        write_elem(dst["uns"], UNS_KEY, plan.scoring)
+    return values[0]

@@ -2,7 +2,7 @@
 
 import argparse
 
-from eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
+from langcell.eval.settings import AUTO_TOP_K, AUTO_TOP_K_ABOVE
 
 TASK_NAMES = ("zero-shot", "few-shot", "finetune", "retrieval", "integration", "suite")
 
@@ -57,8 +57,8 @@ def add_commands(subparsers) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from eval.suite import headline, run_tasks
-    from eval.settings import load_eval_config
+    from langcell.eval.suite import headline, run_tasks
+    from langcell.eval.settings import load_eval_config
 
     overrides = {k: v for k, v in (("model", args.model), ("data", args.data), ("out", args.out),
                                    ("label_key", args.label_key), ("batch_key", args.batch_key),
@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _annotate(args: argparse.Namespace) -> int:
     import json
 
-    from eval.annotate import annotate
+    from langcell.eval.annotate import annotate
 
     summary = annotate(args.model, args.input, args.output, args.cell_types, args.ontology_root,
                        ontology_terms=args.ontology_terms, chunk_size=args.chunk_size, batch_size=args.batch_size,

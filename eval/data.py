@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # Rows read from an .h5ad at a time; the baselines need the whole matrix in memory anyway.
 CHUNK_ROWS = 4096
@@ -92,7 +92,7 @@ def prepare_cells(seqs, token_dictionary: dict, max_length: int, source: str) ->
 
 
 def make_tokenizer(vocab, max_length: int = 2048):
-    from build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
     return RankValueTokenizer(vocab.token_dictionary, vocab.gene_medians, max_length=max_length)
 
@@ -100,7 +100,7 @@ def make_tokenizer(vocab, max_length: int = 2048):
 def load_h5ad(path: Path, vocab, min_gene_overlap: float, max_length: int) -> EvalData:
     import scipy.sparse as sp
 
-    from build_sclibrary.user_anndata import open_user_anndata
+    from langcell.build_sclibrary.user_anndata import open_user_anndata
 
     with open_user_anndata(path, vocab.token_dictionary, min_gene_match=min_gene_overlap) as user:
         counts = sp.vstack([user.rows(start, min(user.n_obs, start + CHUNK_ROWS))

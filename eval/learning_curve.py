@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import metrics as M
-from eval.data import load_eval_data
-from eval.report import save_figure
-from eval.scoring import fused_from_arrays
-from eval.settings import EvalConfig
-from eval.tasks import build_context, zero_shot_scores
+from langcell.eval import metrics as M
+from langcell.eval.data import load_eval_data
+from langcell.eval.report import save_figure
+from langcell.eval.scoring import fused_from_arrays
+from langcell.eval.settings import EvalConfig
+from langcell.eval.tasks import build_context, zero_shot_scores
 
 
 def checkpoint_zero_shot(cfg: EvalConfig) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 
 class CellOntology:
@@ -88,6 +88,6 @@ class CellOntology:
 
     def description(self, term: str, prompt: dict) -> str:
         """The term's class text in `prompt` (eval.prompts)."""
-        from eval.prompts import class_text
+        from langcell.eval.prompts import class_text
 
         return class_text(prompt, self.labels[term], self.definitions.get(term, ""))

@@ -8,7 +8,7 @@ as its cells' texts read in pre-training.
 
 from __future__ import annotations
 
-from pretrain.export import LANGCELL_CLASS_PROMPT
+from langcell.pretrain.export import LANGCELL_CLASS_PROMPT
 
 
 def model_prompt(model) -> dict:
@@ -17,7 +17,7 @@ def model_prompt(model) -> dict:
 
 def class_text(prompt: dict, label: str, definition: str) -> str:
     if prompt.get("definition_as_sentence"):
-        from build_sclibrary.texts import as_sentence
+        from langcell.build_sclibrary.texts import as_sentence
 
         definition = as_sentence(definition) if definition else ""
     if definition:

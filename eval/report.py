@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 
 def save_figure(fig, path: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 TEMPERATURE = 0.05
 

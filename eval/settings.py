@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from langcell.config import load_config
+from langcell.core.config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 # `langcell annotate` without --top-k scores every candidate exactly up to AUTO_TOP_K_ABOVE of

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from langcell.errors import LangCellError
-from langcell.files import display_path, output_lock
-from eval import report as R
-from eval import tasks as T
-from eval.settings import TASKS, EvalConfig, load_eval_config
+from langcell.core.errors import LangCellError
+from langcell.core.files import display_path, output_lock
+from langcell.eval import report as R
+from langcell.eval import tasks as T
+from langcell.eval.settings import TASKS, EvalConfig, load_eval_config
 
 _RUNNERS = {"zero-shot": T.zero_shot, "few-shot": T.few_shot, "finetune": T.finetune,
             "retrieval": T.retrieval, "integration": T.integration}

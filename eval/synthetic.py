@@ -26,7 +26,7 @@ def gene_ids(n_genes: int) -> list[str]:
 
 def write_vocab(folder: str | Path, n_genes: int) -> Path:
     """token_dictionary.json (<pad>=0, <mask>=1, genes, <cls> last) and unit medians."""
-    from langcell.files import atomic_write_json
+    from langcell.core.files import atomic_write_json
 
     folder = Path(folder)
     genes = gene_ids(n_genes)
@@ -44,7 +44,7 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
     import pandas as pd
     import scipy.sparse as sp
 
-    from eval.ontology import CellOntology
+    from langcell.eval.ontology import CellOntology
 
     ontology = ontology or CellOntology.load()
     rng = np.random.default_rng(seed)
@@ -69,7 +69,7 @@ def make_adata(n_per_class: int = 40, n_genes: int = 120, n_signature: int = 10,
 
 def many_types(n: int, seed: int = 0, ontology=None) -> tuple[str, ...]:
     """n CL cell types that have a definition, drawn with a fixed seed (for scaling benchmarks)."""
-    from eval.ontology import CellOntology
+    from langcell.eval.ontology import CellOntology
 
     ontology = ontology or CellOntology.load()
     pool = sorted(t for t, d in ontology.definitions.items() if d)
@@ -77,8 +77,8 @@ def many_types(n: int, seed: int = 0, ontology=None) -> tuple[str, ...]:
 
 
 def class_texts(labels: list[str], ontology=None) -> list[str]:
-    from eval.ontology import CellOntology
-    from pretrain.export import LANGCELL_CLASS_PROMPT
+    from langcell.eval.ontology import CellOntology
+    from langcell.pretrain.export import LANGCELL_CLASS_PROMPT
 
     ontology = ontology or CellOntology.load()
     return [ontology.description(ontology.term_for(lab), LANGCELL_CLASS_PROMPT) for lab in labels]
@@ -91,8 +91,8 @@ def tiny_model(vocab_dir: str | Path, hidden: int = 32, pooling: str | None = No
     """
     import torch
 
-    from pretrain.config import load_model_config
-    from pretrain.model import LangCellPretrainModel, load_text_tokenizer
+    from langcell.pretrain.config import load_model_config
+    from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
 
     torch.manual_seed(seed)
     tokens = json.loads((Path(vocab_dir) / "token_dictionary.json").read_text())
@@ -122,7 +122,7 @@ def tiny_model(vocab_dir: str | Path, hidden: int = 32, pooling: str | None = No
 
 def tokenize_adata(adata, vocab_dir: str | Path, max_length: int = 128) -> list:
     """`adata`'s cells as rank-value token sequences of `vocab_dir`'s vocabulary."""
-    from build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
 
     tokenizer = RankValueTokenizer.from_vocab_dir(Path(vocab_dir), max_length=max_length)
     return tokenizer.tokenize_csr(adata.X, list(adata.var_names))
@@ -132,8 +132,8 @@ def train_tiny_export(out: str | Path, adata, vocab_dir: str | Path, steps: int 
                       hidden: int = 32, lr: float = 2e-3, batch_size: int = 16,
                       match_negatives: int | None = None, pooling: str | None = None) -> Path:
     """Train a tiny LangCell model on `adata`'s cells with the few-shot loss and export it."""
-    from eval.train import train_fewshot
-    from pretrain.export import LANGCELL_CLASS_PROMPT, save_langcell
+    from langcell.eval.train import train_fewshot
+    from langcell.pretrain.export import LANGCELL_CLASS_PROMPT, save_langcell
 
     model = tiny_model(vocab_dir, hidden, pooling, seed)
     seqs = tokenize_adata(adata, vocab_dir)

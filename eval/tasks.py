@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.errors import LangCellError
-from eval import metrics as M
-from eval import report as R
-from eval.data import EvalData, check_data_path, few_shot_split, load_eval_data, stratified_split
-from eval.model_io import Vocab, cell_max_length, load_model
-from eval.ontology import CellOntology
-from eval.prompts import class_text, model_prompt
-from eval.scoring import TopKScorer, fused_from_arrays, score_cells, tune_alpha
-from eval.settings import EvalConfig
+from langcell.core.errors import LangCellError
+from langcell.eval import metrics as M
+from langcell.eval import report as R
+from langcell.eval.data import EvalData, check_data_path, few_shot_split, load_eval_data, stratified_split
+from langcell.eval.model_io import Vocab, cell_max_length, load_model
+from langcell.eval.ontology import CellOntology
+from langcell.eval.prompts import class_text, model_prompt
+from langcell.eval.scoring import TopKScorer, fused_from_arrays, score_cells, tune_alpha
+from langcell.eval.settings import EvalConfig
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _summary(runs: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- few-shot
 def few_shot(ctx: Context, out: Path) -> tuple[dict, str]:
-    from eval.train import train_fewshot
+    from langcell.eval.train import train_fewshot
 
     fcfg = ctx.cfg.few_shot
     results, rows = {}, []
@@ -258,7 +258,7 @@ def few_shot(ctx: Context, out: Path) -> tuple[dict, str]:
 
 # ----------------------------------------------------------------------------- finetune (LangCell-CE)
 def finetune(ctx: Context, out: Path) -> tuple[dict, str]:
-    from eval.train import CellClassifier, predict_classifier, train_classifier
+    from langcell.eval.train import CellClassifier, predict_classifier, train_classifier
 
     fcfg = ctx.cfg.finetune
     per_method = {"langcell_ce": [], "logreg": [], "knn": []}

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.scoring import TEMPERATURE, pad_cells, tokenize_texts
-from pretrain.model import LangCellModel
+from langcell.eval.scoring import TEMPERATURE, pad_cells, tokenize_texts
+from langcell.pretrain.model import LangCellModel
 
 
 def fewshot_loss(model, input_ids, attention_mask, labels, text_ids, text_mask,

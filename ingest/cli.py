@@ -68,7 +68,7 @@ def _add_store_commands(commands) -> None:
 
 
 def _run_demo_census(args) -> int:
-    from ingest.demo_census import build_demo_census
+    from langcell.ingest.demo_census import build_demo_census
 
     summary = build_demo_census(args.out)
     for s in summary.sources:
@@ -81,7 +81,7 @@ def _run_demo_census(args) -> int:
 
 
 def _run_synth_census(args) -> int:
-    from ingest.synth_census import build_synth_census, load_synth_config
+    from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
     config = load_synth_config(args.config, n_genes=args.genes,
                                genes_detected=list(args.genes_detected) if args.genes_detected else None)
@@ -96,7 +96,7 @@ def _run_synth_census(args) -> int:
 def _run_ontologies(args) -> int:
     import logging
 
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.ontology import ingest_ontologies
 
     logging.basicConfig(level=logging.WARNING, format="langcell ingest ontologies: warning: %(message)s")
     result = ingest_ontologies(args.ingest, source=args.source, ontology_files=args.ontology_file)
@@ -154,10 +154,10 @@ def _run_census(args) -> int:
     import logging
     import sys
 
-    from ingest.allocator import keep_arrow_pages
+    from langcell.ingest.allocator import keep_arrow_pages
 
     keep_arrow_pages()  # before ingest.census loads pyarrow
-    from ingest.census import ingest_census, parse_shard
+    from langcell.ingest.census import ingest_census, parse_shard
 
     shard = parse_shard(args.shard) if args.shard is not None else None
     logging.basicConfig(level=logging.WARNING, format="langcell ingest census: warning: %(message)s")
@@ -175,7 +175,7 @@ def _run_census(args) -> int:
 
 
 def _run_merge(args) -> int:
-    from ingest.census import merge_shards
+    from langcell.ingest.census import merge_shards
 
     manifest = merge_shards(args.out)
     print(f"{args.out}: merged {len(manifest['parts'])} parts, {manifest['n_cells']} cells; wrote manifest.json")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 GENEFORMER_DIR = Path(__file__).resolve().parents[1] / "build_sclibrary" / "reference" / "geneformer_v1"
 
@@ -183,8 +183,8 @@ def build_demo_census(out: str | os.PathLike, progress: bool = True) -> DemoSumm
     import pyarrow as pa
     import scipy.sparse as sp
 
-    from ingest.ontology import GuideSource
-    from ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter, DatasetInfo, check_output
+    from langcell.ingest.ontology import GuideSource
+    from langcell.ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter, DatasetInfo, check_output
 
     from tqdm import tqdm
 

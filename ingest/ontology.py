@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class OboSource:
     still resolve); references to undeclared terms are recorded in `dangling`."""
 
     def __init__(self, files: dict[str, str]):
-        from ingest.obo_files import is_url, load_ontology, read_bytes
+        from langcell.ingest.obo_files import is_url, load_ontology, read_bytes
 
         if not files:
             raise LangCellError("--ontology-file: no ontology files given; pass PREFIX=PATH_OR_URL")
@@ -279,7 +279,7 @@ class OboSource:
 
     def _lookup(self, term_id: str):
         """(ontology name, pronto term) of the declared term, or (None, None)."""
-        from ingest.obo_files import is_stub
+        from langcell.ingest.obo_files import is_stub
 
         for name in self._homes(term_id):
             ontology, index = self.ontologies[name]
@@ -456,7 +456,7 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from langcell.files import atomic_path, atomic_write_json, output_lock
+    from langcell.core.files import atomic_path, atomic_write_json, output_lock
 
     ingest = Path(ingest)
     if not ingest.is_dir():
@@ -464,7 +464,7 @@ def ingest_ontologies(ingest: str | os.PathLike, source: str = "guide",
     manifest_path = ingest / "manifest.json"
     schema_version = None
     if manifest_path.is_file():
-        from langcell.files import read_json
+        from langcell.core.files import read_json
 
         manifest = read_json(manifest_path, "ingest manifest")
         if not manifest.get("complete", False):
@@ -521,7 +521,7 @@ def _obo_escape(text: str) -> str:
 def write_obo(terms: Iterable[Term], path: str | os.PathLike, ontology: str = "subset") -> None:
     """Write terms as a minimal OBO 1.4 file (name, def, EXACT synonyms, one is_a per parent),
     e.g. to hand a resolved subset to OBO tools or to check the pronto path offline."""
-    from langcell.files import atomic_path
+    from langcell.core.files import atomic_path
 
     lines = ["format-version: 1.4", f"ontology: {ontology}", ""]
     for term in terms:

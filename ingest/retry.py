@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # The Census obs columns that hold labels, term ids and ids; all dictionary-encoded as in the
 # Census (categorical in pandas).
@@ -263,7 +263,7 @@ class CensusStoreWriter:
     def __enter__(self) -> "CensusStoreWriter":
         import tiledbsoma
 
-        from langcell.files import output_lock
+        from langcell.core.files import output_lock
 
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # One build per store: the lock lives beside the store, which is replaced at the end.

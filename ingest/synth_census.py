@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ingest" / "synth_census.yaml"
 GENEFORMER_DIR = Path(__file__).resolve().parents[1] / "build_sclibrary" / "reference" / "geneformer_v1"
@@ -83,7 +83,7 @@ class SynthConfig:
 
 
 def load_synth_config(path: str | os.PathLike | None = None, **overrides) -> SynthConfig:
-    from langcell.config import load_config
+    from langcell.core.config import load_config
 
     return load_config(SynthConfig, path or DEFAULT_CONFIG, {k: v for k, v in overrides.items() if v is not None})
 
@@ -162,8 +162,8 @@ def build_synth_census(out: str | os.PathLike, n_cells: int, seed: int = 0,
     (`ingest.soma_store.X_LAYOUTS`; "census" as the real Census): same cells, another tiling."""
     from tqdm import tqdm
 
-    from ingest.ontology import GuideSource
-    from ingest.soma_store import CensusStoreWriter, DatasetInfo, check_layout, check_output
+    from langcell.ingest.ontology import GuideSource
+    from langcell.ingest.soma_store import CensusStoreWriter, DatasetInfo, check_layout, check_output
 
     if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
         raise LangCellError(f"--cells: must be a whole number >= 1, got {n_cells!r}")
@@ -387,7 +387,7 @@ def _chunk_job(spec: tuple[int, int, int, int]):
                                      job["cell_types"], job["codes"], job["labels"])
     if job["x_uri"] is None:
         return obs, rows, cols, counts, None
-    from ingest.soma_store import XChunkWriter, cell_summaries
+    from langcell.ingest.soma_store import XChunkWriter, cell_summaries
 
     if _X_WRITER is None:
         _X_WRITER = XChunkWriter(job["x_uri"], job["tiledb_config"], job["layout"])

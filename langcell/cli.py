@@ -11,10 +11,11 @@ import importlib
 import sys
 
 from langcell import __version__
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # Each module defines add_commands(subparsers); the order is the order of the pipeline.
-STAGE_CLIS = ("ingest.cli", "build_sclibrary.cli", "pretrain.cli", "eval.cli", "langcell.demo_cli")
+STAGE_CLIS = ("langcell.ingest.cli", "langcell.build_sclibrary.cli", "langcell.pretrain.cli", "langcell.eval.cli",
+              "langcell.demo_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

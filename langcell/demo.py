@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from langcell.config import from_dict, load_yaml
-from langcell.errors import LangCellError
-from langcell.files import atomic_write_bytes, atomic_write_json, display_path, output_lock
+from langcell.core.config import from_dict, load_yaml
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_write_bytes, atomic_write_json, display_path, output_lock
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"
@@ -93,7 +93,7 @@ def run_demo(out: str | os.PathLike, config: str = "default", seed: int | None =
         curve = _learning_curve(out, library, eval_data, cfg)
         report_dir = out / "eval"
         if _step("eval suite", (report_dir / "metrics.json").is_file()):
-            from eval.suite import run_suite
+            from langcell.eval.suite import run_suite
             run_suite(cfg.eval_config, model=str(export), data=str(eval_data), out=str(report_dir),
                       library=str(library))
         report = _write_report(out, cfg, config, library, eval_data, report_dir, curve, time.time() - started)
@@ -114,25 +114,25 @@ def _check_same_config(out: Path, cfg: DemoConfig) -> None:
 
 
 def _make_stores(out: Path, cfg: DemoConfig) -> dict[str, Path]:
-    from ingest.soma_store import is_soma_store
+    from langcell.ingest.soma_store import is_soma_store
 
     stores = {"real": out / "stores" / "demo-census"}
     if _step("mini-Census of real cells (scanpy pbmc68k_reduced + celltypist sample)", is_soma_store(stores["real"])):
-        from ingest.demo_census import build_demo_census
+        from langcell.ingest.demo_census import build_demo_census
         build_demo_census(stores["real"])
     if cfg.synthetic_cells <= 0:
         return stores
     stores["synthetic"] = out / "stores" / "synth-census"
     if _step(f"synthetic store ({cfg.synthetic_cells} cells)", is_soma_store(stores["synthetic"])):
-        from ingest.synth_census import build_synth_census
+        from langcell.ingest.synth_census import build_synth_census
         build_synth_census(stores["synthetic"], cfg.synthetic_cells, seed=cfg.synthetic_seed,
                            config=INGEST_CONFIG_DIR / f"{cfg.synthetic_config}.yaml")
     return stores
 
 
 def _ingest(out: Path, stores: dict[str, Path]) -> list[Path]:
-    from ingest.census import ingest_census
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.census import ingest_census
+    from langcell.ingest.ontology import ingest_ontologies
 
     ingests = []
     for kind, store in stores.items():
@@ -146,8 +146,8 @@ def _ingest(out: Path, stores: dict[str, Path]) -> list[Path]:
 
 
 def _build(out: Path, ingests: list[Path], cfg: DemoConfig) -> Path:
-    from build_sclibrary.build import build_library
-    from build_sclibrary.config import load_build_config
+    from langcell.build_sclibrary.build import build_library
+    from langcell.build_sclibrary.config import load_build_config
 
     library = out / "sclibrary"
     if _step("scLibrary (Geneformer v1 tokens, cell-level split)", _is_complete(library / "manifest.json")):
@@ -161,7 +161,7 @@ def _held_out_real_cells(out: Path, library: Path) -> Path:
     """The test split's real PBMC cells: labelled, real, and never seen in pre-training."""
     from datasets import load_from_disk
 
-    from ingest.demo_census import PBMC68K_DATASET
+    from langcell.ingest.demo_census import PBMC68K_DATASET
 
     target = out / "eval_data" / "pbmc_test"
     if _step("held-out real PBMC cells", (target / "dataset_info.json").is_file()):
@@ -185,7 +185,7 @@ def _pretrain_and_export(out: Path, library: Path, cfg: DemoConfig) -> Path:
                     "--stage", str(stage), "--seed", str(cfg.seed)]
             _run_cli(args + (["--max-steps", str(steps)] if steps else []))
     if _step("export (published LangCell layout)", (export / "langcell_config.json").is_file()):
-        from pretrain.engine import export_run
+        from langcell.pretrain.engine import export_run
         export_run(run, export)
     return export
 
@@ -196,9 +196,9 @@ def _learning_curve(out: Path, library: Path, eval_data: Path, cfg: DemoConfig) 
     import shutil
     import tempfile
 
-    from eval.learning_curve import checkpoint_zero_shot, curve_png, references
-    from eval.settings import load_eval_config
-    from pretrain.engine import checkpoint_tags, export_run
+    from langcell.eval.learning_curve import checkpoint_zero_shot, curve_png, references
+    from langcell.eval.settings import load_eval_config
+    from langcell.pretrain.engine import checkpoint_tags, export_run
 
     path = out / "learning_curve.json"
     curve = json.loads(path.read_text()) if path.is_file() else {"points": []}
@@ -231,7 +231,7 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
                   report_dir: Path, curve: dict, seconds: float) -> Path:
     from datasets import load_from_disk
 
-    from ingest.demo_census import CELLTYPIST_DATASET, PBMC68K_DATASET
+    from langcell.ingest.demo_census import CELLTYPIST_DATASET, PBMC68K_DATASET
 
     real_datasets = (PBMC68K_DATASET, CELLTYPIST_DATASET)
     metrics = json.loads((report_dir / "metrics.json").read_text())

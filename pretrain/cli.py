@@ -47,13 +47,13 @@ def _pretrain(args) -> int:
     import json
     import logging
 
-    from pretrain.engine import pretrain
+    from langcell.pretrain.engine import pretrain
     # The library's own INFO lines (the warm start's count of loaded tensors) reach the terminal;
     # other libraries keep their own logging.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("langcell pretrain: %(message)s"))
-    logging.getLogger("pretrain").addHandler(handler)
-    logging.getLogger("pretrain").setLevel(logging.INFO)
+    logging.getLogger("langcell.pretrain").addHandler(handler)
+    logging.getLogger("langcell.pretrain").setLevel(logging.INFO)
     overrides = {}
     if args.max_steps is not None:
         overrides[f"stage{args.stage}.max_steps"] = args.max_steps
@@ -70,7 +70,7 @@ def _export(args) -> int:
     import json
     import sys
 
-    from pretrain.engine import export_run
+    from langcell.pretrain.engine import export_run
     out = export_run(args.run, args.out, langcell_compatible=args.langcell_compatible)
     reason = json.loads((out / "langcell_config.json").read_text())["langcell_incompatible_reason"]
     if reason:

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from langcell.config import from_dict, load_config, load_yaml
-from langcell.errors import LangCellError
+from langcell.core.config import from_dict, load_config, load_yaml
+from langcell.core.errors import LangCellError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "model"

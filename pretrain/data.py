@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from langcell.errors import LangCellError
-from langcell.files import read_json, sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import read_json, sha256_file
 
 LIBRARY_FORMAT = "langcell-sclibrary/1"
 ASPECT_ORDER = ("cell_type", "tissue", "disease", "development_stage", "sex", "assay", "self_reported_ethnicity")
@@ -263,7 +263,7 @@ def _rng(state: dict) -> np.random.Generator:
 
 
 def _read_sample(path: str, offset: int) -> dict:
-    from pretrain.tar_reader import read_sample_at
+    from langcell.pretrain.tar_reader import read_sample_at
     try:
         return read_sample_at(path, offset)
     except (OSError, ValueError, tarfile.TarError) as exc:
@@ -284,7 +284,7 @@ class _SampleSource:
         self._start_epoch(state["epoch"] if state else 0, state)
 
     def _start_epoch(self, epoch: int, state: dict | None = None) -> None:
-        from pretrain.tar_reader import ShardReader
+        from langcell.pretrain.tar_reader import ShardReader
         s = self.s
         self.epoch = epoch
         order = np.random.default_rng([s.seed, epoch]).permutation(len(s.shards))
@@ -309,7 +309,7 @@ class _SampleSource:
 
     def next(self) -> tuple[int, tuple[int, int], dict]:
         """(epoch, (shard, byte offset), sample)."""
-        from pretrain.tar_reader import ShardReader
+        from langcell.pretrain.tar_reader import ShardReader
         s = self.s
         while True:
             if not self.readers:

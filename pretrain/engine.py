@@ -30,10 +30,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
-from pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
-from pretrain.flops import batch_shapes, step_flops
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
+from langcell.pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
+from langcell.pretrain.flops import batch_shapes, step_flops
 
 
 # ----------------------------------------------------------------------------- setup
@@ -55,9 +55,21 @@ def _init_distributed():
     import deepspeed
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _no_cpu_ops(deepspeed)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), on_gpu
+
+
+def _no_cpu_ops(deepspeed) -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce op when
+    the op looks buildable: a C++ compiler and ninja at run time, minutes of a small machine's cores,
+    and a failed run where there is no compiler. Marked unavailable, collectives go through gloo,
+    which needs nothing built; the optimizer is torch's AdamW, so no other op is needed on CPU.
+    Set before DeepSpeed probes every op's compatibility (which itself calls the compiler), so the
+    probe never runs."""
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
 
 
 def _collective_device():
@@ -97,7 +109,7 @@ def _check_library(data: str, vocab_size: int, rank: int, world: int):
     """Shards and vocab checked before any training; each rank hashes a slice of the shards."""
     import torch
 
-    from pretrain.data import library_shards, library_vocab_size, verify_shards
+    from langcell.pretrain.data import library_shards, library_vocab_size, verify_shards
     shards = library_shards(data, "train")
     lib_vocab = library_vocab_size(data)
     if lib_vocab != vocab_size:
@@ -224,8 +236,8 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     stage_cfg = cfg.stage(stage)
     rank, world, on_gpu = _init_distributed()
     ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
-    from pretrain.model import load_text_tokenizer, resolve_text_model_path
-    from pretrain.warm_start import check_cell_checkpoint
+    from langcell.pretrain.model import load_text_tokenizer, resolve_text_model_path
+    from langcell.pretrain.warm_start import check_cell_checkpoint
     resolve_text_model_path(model_cfg.text.init_from)  # a missing text model fails before training
     if model_cfg.cell.init_from and stage == 1:  # and so does a cell checkpoint, before run.json records it
         check_cell_checkpoint(model_cfg.cell)
@@ -256,8 +268,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     import torch
     from tqdm import tqdm
 
-    from pretrain.data import CellStream
-    from pretrain.model import LangCellPretrainModel
+    from langcell.pretrain.data import CellStream
+    from langcell.pretrain.model import LangCellPretrainModel
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = LangCellPretrainModel(model_cfg, with_text=stage == 2,
@@ -479,7 +491,7 @@ def checkpoint_tags(run: str | os.PathLike, stage: int) -> list[tuple[int, str]]
 def library_class_prompt(library: str | os.PathLike) -> dict | None:
     """The cell-type text template of a library's texts (its manifest's build config), as
     `pretrain.export.save_langcell` records it; None for a library whose manifest has none."""
-    from build_sclibrary.config import TextConfig
+    from langcell.build_sclibrary.config import TextConfig
 
     manifest = read_json(Path(library) / "manifest.json", "library manifest")
     recorded = (manifest.get("config") or {}).get("texts")
@@ -500,9 +512,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, tag: str | None =
     import torch
     from transformers import AutoTokenizer, BertConfig
 
-    from pretrain.config import model_config_from_dict
-    from pretrain.export import save_langcell
-    from pretrain.model import LangCellPretrainModel, TextBert
+    from langcell.pretrain.config import model_config_from_dict
+    from langcell.pretrain.export import save_langcell
+    from langcell.pretrain.model import LangCellPretrainModel, TextBert
     run = Path(run)
     info = read_json(run / "run.json", "run description")
     model_cfg = model_config_from_dict(info["model"], f"{run}/run.json")

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, read_json
-from pretrain.langcell_layout import (CELL_UNUSED_KEYS, load_strict, load_text_tokenizer, save_bert_tokenizer,
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_json, read_json
+from langcell.pretrain.langcell_layout import (CELL_UNUSED_KEYS, load_strict, load_text_tokenizer, save_bert_tokenizer,
                                       text_state_for_langcell, with_langcell_tokens)
-from pretrain.model import LangCellModel, TextBert
-from pretrain.warm_start import read_state_dict
+from langcell.pretrain.model import LangCellModel, TextBert
+from langcell.pretrain.warm_start import read_state_dict
 
 EXPORT_FORMAT = "langcell-export/1"
 LANGCELL_TEXT_TOKENIZER = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 # The cell encoder's pooler: LangCell's BertModel has one, its release has none, nothing reads
 # it (cell embeddings come from the <cls> state). Position/token-type ids are buffers.

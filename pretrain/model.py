@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from langcell.errors import LangCellError
-from pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
-from pretrain.langcell_layout import TEXT_UNUSED_KEYS, load_strict
-from pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
+from langcell.core.errors import LangCellError
+from langcell.pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
+from langcell.pretrain.langcell_layout import TEXT_UNUSED_KEYS, load_strict
+from langcell.pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
 
 POOLINGS = ("cls", "mean")
 
@@ -380,6 +380,6 @@ class LangCellPretrainModel(LangCellModel):
             self.text_bert.gradient_checkpointing = True
 
     def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float):
-        from pretrain.losses import pretrain_losses
+        from langcell.pretrain.losses import pretrain_losses
         return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature)
 

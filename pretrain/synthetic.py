@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell.files import atomic_path, atomic_write_json, sha256_file
+from langcell.core.files import atomic_path, atomic_write_json, sha256_file
 
 CELL_TYPES = ("T cell", "B cell", "natural killer cell", "monocyte", "erythrocyte", "platelet")
 TISSUES = ("blood", "lung", "liver")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
-from pretrain.config import CellEncoderConfig
+from langcell.core.errors import LangCellError
+from langcell.pretrain.config import CellEncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,16 @@ def resolve_pretrained(spec: str, field: str, files: tuple[str, ...]) -> Path:
     if not folder.is_dir():
         if spec.startswith((".", "/", "~")):
             raise LangCellError(f"{field} '{spec}': folder does not exist; give an existing local folder or an HF id")
-        folder = _download(spec, field, files)
+        folder = download_snapshot(spec, field, files)
     if not (folder / "config.json").is_file():
         raise LangCellError(f"{field} '{spec}': no config.json in {folder}; name the folder that holds the model "
                             "(owner/name[@revision]/subfolder)")
     return folder
 
 
-def _download(spec: str, field: str, files: tuple[str, ...]) -> Path:
+def download_snapshot(spec: str, field: str, files: tuple[str, ...]) -> Path:
+    """The local snapshot folder of HF id `spec` (`owner/name[@revision][/subfolder]`), its `files`
+    (glob patterns) fetched, from the local cache only when HF_HUB_OFFLINE is set."""
     repo, revision, subfolder = _parse_hub_id(spec)
     try:
         from huggingface_hub import snapshot_download

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.synthetic import write_synthetic_library
+from langcell.pretrain.synthetic import write_synthetic_library
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 600  # a small gene vocabulary keeps the MLM head cheap on 2 CPU cores

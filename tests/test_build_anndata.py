@@ -5,9 +5,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from build_sclibrary.anndata_io import tokenize_anndata
-from build_sclibrary.tokenizer import RankValueTokenizer
-from build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.build_sclibrary.anndata_io import tokenize_anndata
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 from langcell.cli import main
 from tests.build_helpers import pbmc68k_counts
 
@@ -72,7 +72,7 @@ def test_ensembl_ids_with_versions_and_without_n_counts(tmp_path):
 
 def test_every_vocabulary_id_form_is_matched():
     """Versioned ids, mouse-style prefixes and Geneformer's ENSGR ids (PAR genes on Y) all match."""
-    from build_sclibrary.user_anndata import match_genes
+    from langcell.build_sclibrary.user_anndata import match_genes
 
     tokens, medians = geneformer_v1_vocab()
     par = sorted(g for g in medians if g.startswith("ENSGR"))

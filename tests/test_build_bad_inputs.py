@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from build_sclibrary.anndata_io import tokenize_anndata
-from build_sclibrary.build import build_library
-from build_sclibrary.config import load_build_config
-from build_sclibrary.tokenizer import RankValueTokenizer
-from build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.build_sclibrary.anndata_io import tokenize_anndata
+from langcell.build_sclibrary.build import build_library
+from langcell.build_sclibrary.config import load_build_config
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 from langcell.cli import main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 from tests.build_helpers import rewrite_manifest, write_ingest
 
 

@@ -7,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from build_sclibrary.build import build_library
-from build_sclibrary.config import load_build_config
-from build_sclibrary.vocab import geneformer_v1_vocab
-from ingest.census import ingest_census
-from ingest.demo_census import build_demo_census
-from ingest.ontology import ingest_ontologies
+from langcell.build_sclibrary.build import build_library
+from langcell.build_sclibrary.config import load_build_config
+from langcell.build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.ingest.census import ingest_census
+from langcell.ingest.demo_census import build_demo_census
+from langcell.ingest.ontology import ingest_ontologies
 from tests.build_helpers import read_part_arrays, reference_tokens
 
 

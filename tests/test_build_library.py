@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-import build_sclibrary.build as build_mod
-from build_sclibrary.build import build_library
-from build_sclibrary.config import load_build_config
-from build_sclibrary.vocab import geneformer_v1_vocab
-from langcell.files import sha256_file
+import langcell.build_sclibrary.build as build_mod
+from langcell.build_sclibrary.build import build_library
+from langcell.build_sclibrary.config import load_build_config
+from langcell.build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.core.files import sha256_file
 from tests.build_helpers import read_part_arrays, reference_tokens, write_ingest
 
 

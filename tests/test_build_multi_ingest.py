@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from build_sclibrary.build import KEY_STRIDE, build_library
-from build_sclibrary.config import load_build_config
-from build_sclibrary.vocab import MedianSketch, geneformer_v1_vocab
+from langcell.build_sclibrary.build import KEY_STRIDE, build_library
+from langcell.build_sclibrary.config import load_build_config
+from langcell.build_sclibrary.vocab import MedianSketch, geneformer_v1_vocab
 from langcell.cli import main
-from langcell.errors import LangCellError
-from langcell.files import sha256_file
+from langcell.core.errors import LangCellError
+from langcell.core.files import sha256_file
 from tests.build_helpers import read_part_arrays, reference_tokens, write_ingest
 
 SPLITS = ("train", "val", "test")

@@ -13,10 +13,10 @@ import datasets
 import numpy as np
 import pytest
 
-import build_sclibrary.build as build_mod
-from build_sclibrary import shard_tar, shuffle
-from build_sclibrary.build import build_library
-from build_sclibrary.config import load_build_config
+import langcell.build_sclibrary.build as build_mod
+from langcell.build_sclibrary import shard_tar, shuffle
+from langcell.build_sclibrary.build import build_library
+from langcell.build_sclibrary.config import load_build_config
 from tests.build_helpers import read_part_arrays, write_ingest
 
 SPLITS = ("train", "val", "test")

@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from build_sclibrary.shard_tar import member_header, npy_bytes, tar_bytes
+from langcell.build_sclibrary.shard_tar import member_header, npy_bytes, tar_bytes
 
 
 def _tarfile_bytes(members):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from build_sclibrary.tokenizer import RankValueTokenizer
-from build_sclibrary.vocab import geneformer_v1_vocab
-from langcell.errors import LangCellError
+from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+from langcell.build_sclibrary.vocab import geneformer_v1_vocab
+from langcell.core.errors import LangCellError
 from tests.build_helpers import REF, pbmc68k_counts, reference_tokens
 
 

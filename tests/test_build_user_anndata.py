@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from build_sclibrary.user_anndata import SAMPLE_ROWS, open_user_anndata
-from eval import synthetic
-from langcell.errors import LangCellError
+from langcell.build_sclibrary.user_anndata import SAMPLE_ROWS, open_user_anndata
+from langcell.eval import synthetic
+from langcell.core.errors import LangCellError
 
 VOCAB = {g: 1.0 for g in synthetic.gene_ids(20)}
 
@@ -45,7 +45,7 @@ def test_symbols_in_a_var_column_are_matched_when_var_names_are_not_genes():
     symbols = ["CD3E", "MS4A1", "NKG7", "LYZ"]
     adata = anndata.AnnData(X=_counts(n_cells=3)[:, :4], var=pd.DataFrame({"gene_symbols": symbols},
                                                                           index=["a", "b", "c", "d"]))
-    from build_sclibrary.vocab import geneformer_v1_vocab
+    from langcell.build_sclibrary.vocab import geneformer_v1_vocab
 
     _, medians = geneformer_v1_vocab()
     with open_user_anndata(adata, medians) as user:

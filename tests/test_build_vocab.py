@@ -3,10 +3,10 @@
 import numpy as np
 import scipy.sparse as sp
 
-from build_sclibrary.build import build_library
-from build_sclibrary.config import BuildConfig, load_build_config
-from build_sclibrary.vocab import MedianSketch, corpus_vocab, select_corpus_genes, sketch_chunk
-from langcell.files import read_json
+from langcell.build_sclibrary.build import build_library
+from langcell.build_sclibrary.config import BuildConfig, load_build_config
+from langcell.build_sclibrary.vocab import MedianSketch, corpus_vocab, select_corpus_genes, sketch_chunk
+from langcell.core.files import read_json
 from tests.build_helpers import write_ingest
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from eval.data import prepare_cells
-from eval.model_io import cell_max_length, load_model
-from eval.prompts import class_text, model_prompt
-from eval.scoring import TopKScorer, score_cells
-from langcell.errors import LangCellError
+from langcell.eval.data import prepare_cells
+from langcell.eval.model_io import cell_max_length, load_model
+from langcell.eval.prompts import class_text, model_prompt
+from langcell.eval.scoring import TopKScorer, score_cells
+from langcell.core.errors import LangCellError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "langcell_release_layout"
 REF = json.loads((FIXTURE / "reference_outputs.json").read_text())

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from eval import metrics as M
-from eval.scoring import (TopKScorer, fuse, match_prob_per_class_loop, match_prob_topk, pad_cells, score_cells,
+from langcell.eval import metrics as M
+from langcell.eval.scoring import (TopKScorer, fuse, match_prob_per_class_loop, match_prob_topk, pad_cells, score_cells,
                           tune_alpha)
 
 

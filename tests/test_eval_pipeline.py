@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from eval import synthetic
-from eval.annotate import annotate
-from eval.data import load_eval_data
-from eval.model_io import load_model
-from eval.scoring import TopKScorer, score_cells
-from eval.suite import headline, run_suite, run_task
+from langcell.eval import synthetic
+from langcell.eval.annotate import annotate
+from langcell.eval.data import load_eval_data
+from langcell.eval.model_io import load_model
+from langcell.eval.scoring import TopKScorer, score_cells
+from langcell.eval.suite import headline, run_suite, run_task
 from langcell.cli import main as cli_main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +115,7 @@ def test_annotate_by_ontology_root_and_cli(world, tmp_path):
                    "--ontology-root", "CL:0000084", "--top-k", "4"])
     assert rc == 0
     got = anndata.read_h5ad(out)
-    from eval.ontology import CellOntology
+    from langcell.eval.ontology import CellOntology
     onto = CellOntology.load()
     allowed = {onto.labels[t] for t in onto.descendants("CL:0000084")}
     assert len(allowed) > 10 and set(got.obs["langcell_prediction"].astype(str)) <= allowed
@@ -123,10 +123,10 @@ def test_annotate_by_ontology_root_and_cli(world, tmp_path):
 
 
 def test_annotate_says_when_it_chooses_top_k(world, tmp_path, monkeypatch, capsys):
-    import eval.annotate
+    import langcell.eval.annotate
 
-    monkeypatch.setattr(eval.annotate, "AUTO_TOP_K_ABOVE", 5)
-    monkeypatch.setattr(eval.annotate, "AUTO_TOP_K", 3)
+    monkeypatch.setattr(langcell.eval.annotate, "AUTO_TOP_K_ABOVE", 5)
+    monkeypatch.setattr(langcell.eval.annotate, "AUTO_TOP_K", 3)
     out = tmp_path / "auto.h5ad"
     summary = annotate(world["export"], world["test"], out, ontology_root="CL:0000084")
     assert "matching head on each cell's 3 most similar only" in capsys.readouterr().err
@@ -189,8 +189,8 @@ def test_annotate_writes_obsm_when_the_input_has_none(world, tmp_path):
 def test_library_split_reads_type2text_and_novel_types_from_the_manifest(world, tmp_path):
     import datasets
 
-    from build_sclibrary.tokenizer import RankValueTokenizer
-    from eval.synthetic import class_texts
+    from langcell.build_sclibrary.tokenizer import RankValueTokenizer
+    from langcell.eval.synthetic import class_texts
 
     ad = world["adata"]
     lib = tmp_path / "LIB"
@@ -223,7 +223,7 @@ def test_finetune_does_not_collapse_to_the_majority_class(world, tmp_path, confi
     """LangCell-CE once predicted the majority class for every cell of the demo. On separable
     synthetic types with the demo's imbalance (the largest type ~8x the smallest), the recipe
     of each config must beat the majority rate by a wide margin and find the rare types too."""
-    from eval.data import stratified_split
+    from langcell.eval.data import stratified_split
 
     ad = world["adata"]
     rng = np.random.default_rng(0)

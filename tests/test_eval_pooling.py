@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import metrics as M
-from eval import synthetic
-from eval.annotate import OBSM_KEY, annotate
-from eval.data import load_eval_data
-from eval.model_io import load_model
-from eval.scoring import pad_cells, tokenize_texts
-from eval.settings import load_eval_config
-from eval.tasks import build_context, integration, retrieval, zero_shot_scores
-from eval.train import CellClassifier, fewshot_loss
-from pretrain.export import save_langcell
+from langcell.eval import metrics as M
+from langcell.eval import synthetic
+from langcell.eval.annotate import OBSM_KEY, annotate
+from langcell.eval.data import load_eval_data
+from langcell.eval.model_io import load_model
+from langcell.eval.scoring import pad_cells, tokenize_texts
+from langcell.eval.settings import load_eval_config
+from langcell.eval.tasks import build_context, integration, retrieval, zero_shot_scores
+from langcell.eval.train import CellClassifier, fewshot_loss
+from langcell.pretrain.export import save_langcell
 
 POOLINGS = ("cls", "mean")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,10 +6,10 @@ import json
 
 import yaml
 
-from build_sclibrary.config import TextConfig
-from build_sclibrary.texts import TermInfo, TextBuilder
-from eval.prompts import class_text
-from pretrain.engine import library_class_prompt
+from langcell.build_sclibrary.config import TextConfig
+from langcell.build_sclibrary.texts import TermInfo, TextBuilder
+from langcell.eval.prompts import class_text
+from langcell.pretrain.engine import library_class_prompt
 
 REPO_TEXTS = "configs/build/texts.yaml"
 

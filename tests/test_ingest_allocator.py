@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import json, os, sys
-from ingest.allocator import keep_arrow_pages, PURGE_DELAY
+from langcell.ingest.allocator import keep_arrow_pages, PURGE_DELAY
 first = keep_arrow_pages()
 import pyarrow
 print(json.dumps([first, keep_arrow_pages(), os.environ.get(PURGE_DELAY)]))

@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.census import CRASH_ENV, REQUIRED_OBS, ingest_census, merge_shards
+from langcell.ingest.census import CRASH_ENV, REQUIRED_OBS, ingest_census, merge_shards
 from langcell.cli import main as langcell_main
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 REPO = Path(__file__).resolve().parents[1]
 N_CELLS, N_GENES = 250, 40
@@ -144,13 +144,13 @@ def test_census_schema_stores_agree_with_their_obs_summaries(kind, tmp_path):
     """On the project's own Census-schema stores: n_counts equals the store's raw_sum and every
     sparse row has the store's nnz, cell for cell."""
     if kind == "synth":
-        from ingest.synth_census import build_synth_census, load_synth_config
+        from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
         build_synth_census(tmp_path / "store", 600, seed=3, progress=False,
                            config=load_synth_config(n_genes=400, genes_detected=[50, 200]))
         n_cells = 600
     else:
-        from ingest.demo_census import build_demo_census
+        from langcell.ingest.demo_census import build_demo_census
 
         n_cells = build_demo_census(tmp_path / "store", progress=False).n_cells
     manifest = ingest_census(tmp_path / "out", uri=str(tmp_path / "store"), cells_per_part=256, chunk_cells=100,
@@ -268,7 +268,7 @@ def test_rerun_with_other_arguments_is_refused(store, reference, tmp_path):
 
 
 def test_output_lock_keeps_a_second_run_out(store, tmp_path):
-    from langcell.files import output_lock
+    from langcell.core.files import output_lock
 
     out = tmp_path / "locked"
     with output_lock(out):
@@ -336,8 +336,8 @@ def _chunk_inputs(obs_joinids, entries, batch=None):
     RowBuffers in batches of `batch` (all at once by default), as TileDB returns them."""
     import pyarrow as pa
 
-    from ingest.census import Source, _cells_schema
-    from ingest.coo_rows import RowBuffers
+    from langcell.ingest.census import Source, _cells_schema
+    from langcell.ingest.coo_rows import RowBuffers
 
     obs = pa.table({"soma_joinid": pa.array(obs_joinids, pa.int64())})
     cells, genes, counts = (np.asarray(column, dtype) for column, dtype in
@@ -350,7 +350,7 @@ def _chunk_inputs(obs_joinids, entries, batch=None):
 
 
 def test_chunk_builder_sorts_rows_and_drops_empty_cells():
-    from ingest.census import _build_chunk
+    from langcell.ingest.census import _build_chunk
 
     source, obs, rows, keep, schema = _chunk_inputs([9, 4, 7], [(9, 2, 5.0), (4, 1, 1.0), (9, 0, 2.0), (4, 0, 0.0)])
     assert not rows.row_major and rows.explicit_zeros == 1
@@ -360,7 +360,7 @@ def test_chunk_builder_sorts_rows_and_drops_empty_cells():
 
 
 def test_duplicate_joinids_and_entries_are_refused():
-    from ingest.census import _build_chunk
+    from langcell.ingest.census import _build_chunk
 
     source, obs, rows, keep, schema = _chunk_inputs([4, 7, 7], [(4, 0, 1.0)])
     with pytest.raises(LangCellError, match="/store: obs soma_joinid 7 appears more than once; the store is corrupt"):
@@ -377,7 +377,7 @@ def test_duplicate_joinids_and_entries_are_refused():
 
 def test_bad_arguments(store, tmp_path):
     with pytest.raises(LangCellError, match="--shard '2/2': expected I/N"):
-        from ingest.census import parse_shard
+        from langcell.ingest.census import parse_shard
         parse_shard("2/2")
     with pytest.raises(LangCellError, match="--cells-per-part 0: must be at least 1"):
         ingest_census(tmp_path / "o", uri=store, cells_per_part=0)
@@ -394,7 +394,7 @@ def test_row_major_tiled_and_general_paths_build_the_same_rows():
     genes, apart: the Census' square tiles) and the counting sort (any order) build the same
     rows from the same entries, however TileDB cuts them into batches: explicit zeros, empty
     cells, a cell split across batches and a gene filter included."""
-    from ingest.census import _build_chunk
+    from langcell.ingest.census import _build_chunk
 
     rng = np.random.default_rng(0)
     joinids = np.sort(rng.choice(10_000, 300, replace=False))
@@ -427,7 +427,7 @@ def test_row_major_tiled_and_general_paths_build_the_same_rows():
 def test_row_buffers_grow_and_are_reused():
     """Runs outgrow the first allocation mid-batch and resume where they stopped; a cleared
     buffer keeps its arrays and takes the next chunk into the same memory."""
-    from ingest.coo_rows import RowBuffers
+    from langcell.ingest.coo_rows import RowBuffers
 
     rng = np.random.default_rng(1)
     cells = np.repeat(np.arange(5000, dtype=np.int64), 3)
@@ -463,7 +463,7 @@ def test_a_finished_part_file_holds_no_arrow_memory(tmp_path):
 
     import pyarrow as pa
 
-    from ingest.census import _PartFile
+    from langcell.ingest.census import _PartFile
 
     offsets = pa.array(np.arange(0, 2_000_001, 2_000, dtype=np.int32))
     table = pa.table({"gene_index": pa.ListArray.from_arrays(offsets, pa.array(np.arange(2_000_000, dtype=np.int32))),
@@ -481,7 +481,7 @@ def test_a_finished_part_file_holds_no_arrow_memory(tmp_path):
 @pytest.fixture(scope="module")
 def layout_stores(tmp_path_factory):
     """The same synthetic cells in both X layouts; more than one 2048 x 2048 tile each way."""
-    from ingest.synth_census import build_synth_census, load_synth_config
+    from langcell.ingest.synth_census import build_synth_census, load_synth_config
 
     root = tmp_path_factory.mktemp("layouts")
     config = load_synth_config(n_genes=4500, genes_detected=[60, 400], n_datasets=3, chunk_cells=700)
@@ -504,7 +504,7 @@ def test_census_layout_is_the_census_builders_tiling(layout_stores):
 def test_census_layout_ingests_byte_identical_to_the_row_layout(layout_stores, tmp_path, monkeypatch):
     """Tile-ordered reads take the run sort, never the per-entry counting sort, and give the
     same parts, with chunks cut by the count budget from obs nnz."""
-    import ingest.census as census
+    import langcell.ingest.census as census
 
     def no_counting_sort(*args):
         raise AssertionError("the counting sort ran")
@@ -534,7 +534,7 @@ def test_census_layout_ingests_byte_identical_to_the_row_layout(layout_stores, t
 
 
 def test_chunk_bounds_keep_to_both_budgets():
-    from ingest.census import chunk_bounds
+    from langcell.ingest.census import chunk_bounds
 
     nnz = np.array([5, 5, 5, 20, 1, 1, 1, 1, 1])
     assert chunk_bounds(nnz, 100, 10) == [0, 2, 3, 4, 9]  # the 20-count cell is a chunk alone
@@ -547,8 +547,8 @@ def _flaky_reads(monkeypatch, failing: set[int]) -> list[int]:
     the first X read of the run); returns the first soma_joinid of each failed read."""
     import tiledbsoma
 
-    import ingest.census as census
-    import ingest.retry as retry
+    import langcell.ingest.census as census
+    import langcell.ingest.retry as retry
 
     monkeypatch.setattr(retry, "BACKOFF_SECONDS", 0.0)
     real, calls, failed = census._coo_batches, [], []
@@ -575,7 +575,7 @@ def test_transient_read_errors_are_retried_to_an_identical_result(store, referen
 
 
 def test_reads_carry_tiledbs_own_s3_retries(store):
-    from ingest.census import Source, _open_handle
+    from langcell.ingest.census import Source, _open_handle
 
     with _open_handle(Source(None, store)) as handle:
         config = handle.context.tiledb_config

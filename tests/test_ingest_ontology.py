@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 TERM_ID_COLUMNS = [
     "assay_ontology_term_id", "cell_type_ontology_term_id", "development_stage_ontology_term_id",
@@ -26,7 +26,7 @@ def demo_obs(tmp_path_factory):
     """The obs of the demo store, read through the Census API."""
     import cellxgene_census
 
-    from ingest.demo_census import build_demo_census
+    from langcell.ingest.demo_census import build_demo_census
 
     out = tmp_path_factory.mktemp("demo") / "census"
     build_demo_census(out)
@@ -46,7 +46,7 @@ def _write_ingest(folder, frames):
 
 
 def test_terms_resolve_for_the_demo_cells(tmp_path, demo_obs):
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.ontology import ingest_ontologies
 
     ingest = _write_ingest(tmp_path / "ingest", [demo_obs.iloc[:600], demo_obs.iloc[600:]])
     result = ingest_ontologies(ingest)
@@ -77,7 +77,7 @@ def test_terms_resolve_for_the_demo_cells(tmp_path, demo_obs):
 
 
 def test_unknown_ids_are_reported_with_counts(tmp_path, caplog):
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.ontology import ingest_ontologies
 
     n = 10
     frame = pd.DataFrame({
@@ -92,7 +92,7 @@ def test_unknown_ids_are_reported_with_counts(tmp_path, caplog):
         "tissue_general_ontology_term_id": ["UBERON:0002048"] * 9 + [""],
     })
     ingest = _write_ingest(tmp_path / "ingest", [frame])
-    with caplog.at_level(logging.WARNING, logger="ingest.ontology"):
+    with caplog.at_level(logging.WARNING, logger="langcell.ingest.ontology"):
         result = ingest_ontologies(ingest)
     assert result.unresolved == {"CL:9999999": 3, "FOO:0000001": 2}
     assert "2 term ids resolve in no ontology: CL:9999999 (3 cells), FOO:0000001 (2 cells)" in caplog.text
@@ -114,7 +114,7 @@ def test_unknown_ids_are_reported_with_counts(tmp_path, caplog):
 
 
 def test_obo_source_agrees_with_the_guide(tmp_path):
-    from ingest.ontology import GuideSource, OboSource, resolve_terms, write_obo
+    from langcell.ingest.ontology import GuideSource, OboSource, resolve_terms, write_obo
 
     guide = GuideSource()
     ids = sorted(DEMO_CELL_TYPES | {"CL:0000084", "CL:0000576"})
@@ -137,7 +137,7 @@ def test_obo_source_agrees_with_the_guide(tmp_path):
 
 
 def test_obo_part_of_counts_as_a_parent(tmp_path):
-    from ingest.ontology import OboSource
+    from langcell.ingest.ontology import OboSource
 
     path = tmp_path / "mini.obo"
     path.write_text("format-version: 1.4\nontology: mini\n\n"
@@ -153,7 +153,7 @@ def test_obo_part_of_counts_as_a_parent(tmp_path):
 
 
 def test_ingest_ontologies_with_obo_files(tmp_path, demo_obs):
-    from ingest.ontology import GuideSource, ingest_ontologies, resolve_terms, write_obo
+    from langcell.ingest.ontology import GuideSource, ingest_ontologies, resolve_terms, write_obo
 
     terms, _ = resolve_terms(sorted(DEMO_CELL_TYPES), GuideSource())
     write_obo(terms.values(), tmp_path / "cl.obo")
@@ -179,7 +179,7 @@ def test_ingest_ontologies_with_obo_files(tmp_path, demo_obs):
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    from ingest.ontology import OboSource, ingest_ontologies, make_source
+    from langcell.ingest.ontology import OboSource, ingest_ontologies, make_source
 
     with pytest.raises(LangCellError, match="ingest folder not found"):
         ingest_ontologies(tmp_path / "missing")
@@ -214,7 +214,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_cli_ontologies(tmp_path, demo_obs, capsys):
     import argparse
 
-    from ingest import cli
+    from langcell.ingest import cli
 
     parser = argparse.ArgumentParser(prog="langcell")
     cli.add_commands(parser.add_subparsers(dest="command"))
@@ -237,7 +237,7 @@ def test_cli_ontologies(tmp_path, demo_obs, capsys):
 def test_guide_versions_follow_the_census_schema_and_say_which(tmp_path):
     import cellxgene_ontology_guide
 
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.ontology import ingest_ontologies
 
     data = Path(cellxgene_ontology_guide.__file__).parent / "data"
     schemas = json.loads((data / "ontology_info.json").read_text())

@@ -26,7 +26,7 @@ CELL_TERMS = {"disease_ontology_term_id": "MONDO:0005015", "assay_ontology_term_
 def resolved(tmp_path_factory):
     """Four cells with the fixtures' terms, resolved with one file per ontology (CL first: its
     copy of the UBERON term must not win)."""
-    from ingest.ontology import ingest_ontologies
+    from langcell.ingest.ontology import ingest_ontologies
 
     ingest = tmp_path_factory.mktemp("ingest")
     (ingest / "cells").mkdir()

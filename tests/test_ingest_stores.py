@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 CENSUS_OBS_COLUMNS = [
     "dataset_id", "assay", "assay_ontology_term_id", "cell_type", "cell_type_ontology_term_id",
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
-    from ingest.demo_census import build_demo_census
+    from langcell.ingest.demo_census import build_demo_census
 
     out = tmp_path_factory.mktemp("demo") / "census"
     summary = build_demo_census(out)
@@ -104,8 +104,8 @@ def test_demo_counts_are_the_source_counts(demo_store):
 
 
 def test_demo_cell_type_table_matches_cl_labels():
-    from ingest.demo_census import PBMC68K_CELL_TYPES
-    from ingest.ontology import GuideSource
+    from langcell.ingest.demo_census import PBMC68K_CELL_TYPES
+    from langcell.ingest.ontology import GuideSource
 
     expected = {
         "CD14+ Monocyte": "CD14-positive monocyte",
@@ -130,8 +130,8 @@ def test_demo_cell_type_table_matches_cl_labels():
 
 
 def test_store_output_checks(tmp_path):
-    from ingest.demo_census import build_demo_census
-    from ingest.synth_census import build_synth_census
+    from langcell.ingest.demo_census import build_demo_census
+    from langcell.ingest.synth_census import build_synth_census
 
     not_store = tmp_path / "notes"
     not_store.mkdir()
@@ -151,7 +151,7 @@ def test_store_output_checks(tmp_path):
 
 
 def _small_config(**overrides):
-    from ingest.synth_census import load_synth_config
+    from langcell.ingest.synth_census import load_synth_config
 
     settings = dict(n_genes=3000, genes_detected=[300, 1200], n_datasets=6, donors_per_dataset=2, chunk_cells=500)
     settings.update(overrides)
@@ -159,7 +159,7 @@ def _small_config(**overrides):
 
 
 def test_synth_config_rejects_bad_settings(tmp_path):
-    from ingest.synth_census import load_synth_config
+    from langcell.ingest.synth_census import load_synth_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_genez: 100\n")
@@ -171,7 +171,7 @@ def test_synth_config_rejects_bad_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def synth_store(tmp_path_factory):
-    from ingest.synth_census import build_synth_census
+    from langcell.ingest.synth_census import build_synth_census
 
     out = tmp_path_factory.mktemp("synth") / "store"
     summary = build_synth_census(out, 3000, seed=3, config=_small_config(), progress=False)
@@ -179,7 +179,7 @@ def synth_store(tmp_path_factory):
 
 
 def test_synth_store_sizes_and_terms(synth_store):
-    from ingest.ontology import GuideSource
+    from langcell.ingest.ontology import GuideSource
 
     out, summary = synth_store
     obs, var, X = _read_store(out)
@@ -232,7 +232,7 @@ def test_synth_expression_follows_the_cl_hierarchy(synth_store):
 
 
 def test_synth_is_deterministic_for_any_workers_and_rebuild_replaces(tmp_path):
-    from ingest.synth_census import build_synth_census
+    from langcell.ingest.synth_census import build_synth_census
 
     config = _small_config(n_genes=1500, genes_detected=[200, 600], chunk_cells=200)
     build_synth_census(tmp_path / "a", 700, seed=11, config=config, progress=False)
@@ -256,7 +256,7 @@ def test_synth_is_deterministic_for_any_workers_and_rebuild_replaces(tmp_path):
 def test_one_build_per_store(tmp_path):
     import pandas as pd
 
-    from ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter
+    from langcell.ingest.soma_store import OBS_LABEL_COLUMNS, CensusStoreWriter
 
     genes = pd.DataFrame({"feature_id": ["ENSG00000000003"], "feature_name": ["TSPAN6"],
                           "feature_length": [0], "feature_type": ["unknown"]})
@@ -283,12 +283,12 @@ def test_one_build_per_store(tmp_path):
 def test_cli_store_commands(tmp_path, capsys):
     import argparse
 
-    from ingest import cli
+    from langcell.ingest import cli
 
     parser = argparse.ArgumentParser(prog="langcell")
     cli.add_commands(parser.add_subparsers(dest="command"))
     config = tmp_path / "synth.yaml"
-    from ingest.synth_census import DEFAULT_CONFIG
+    from langcell.ingest.synth_census import DEFAULT_CONFIG
 
     config.write_text(DEFAULT_CONFIG.read_text().replace("n_genes: 8000", "n_genes: 2000")
                       .replace("genes_detected: [1000, 5000]", "genes_detected: [200, 800]"))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from eval import synthetic
+from langcell.eval import synthetic
 from langcell.cli import main
-from pretrain.export import save_langcell
+from langcell.pretrain.export import save_langcell
 from tests.build_helpers import write_ingest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from langcell.config import from_dict, load_config
-from langcell.errors import LangCellError
-from langcell.files import atomic_path, atomic_write_json, display_path, output_lock, read_json, sha256_file
+from langcell.core.config import from_dict, load_config
+from langcell.core.errors import LangCellError
+from langcell.core.files import atomic_path, atomic_write_json, display_path, output_lock, read_json, sha256_file
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-import langcell.files as files
-from langcell.errors import LangCellError
-from langcell.files import OWNER_FILE, output_lock
+import langcell.core.files as files
+from langcell.core.errors import LangCellError
+from langcell.core.files import OWNER_FILE, output_lock
 
 
 def _no_flock(errno_code):

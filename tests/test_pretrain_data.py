@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from langcell.errors import LangCellError
-from pretrain.config import TextChoiceConfig
-from pretrain.data import CellStream, choose_text, library_shards
-from pretrain.model import resolve_text_model_path
-from pretrain.synthetic import write_synthetic_library
-from pretrain.tar_reader import ShardReader
+from langcell.core.errors import LangCellError
+from langcell.pretrain.config import TextChoiceConfig
+from langcell.pretrain.data import CellStream, choose_text, library_shards
+from langcell.pretrain.model import resolve_text_model_path
+from langcell.pretrain.synthetic import write_synthetic_library
+from langcell.pretrain.tar_reader import ShardReader
 
 
 _STREAM = dict(rank=0, world=1, seed=7, batch_size=8, shuffle_buffer=16, bucket_batches=4, max_length=128,

@@ -15,15 +15,15 @@ import time
 import pytest
 import torch
 
-from pretrain.config import DEEPSPEED_CONFIG_DIR
-from pretrain.engine import consolidated_state_dict
-from pretrain.losses import cell_cell_contrastive, cell_text_contrastive
+from langcell.pretrain.config import DEEPSPEED_CONFIG_DIR
+from langcell.pretrain.engine import consolidated_state_dict
+from langcell.pretrain.losses import cell_cell_contrastive, cell_text_contrastive
 from tests.pretrain_helpers import REPO, _port, env, read_metrics, run_cli, write_setup
 
 GATHER_SCRIPT = r'''
 import sys, torch, torch.distributed as dist
-import pretrain.losses as losses
-from pretrain.losses import cell_cell_contrastive, cell_text_contrastive, gather_with_grad
+import langcell.pretrain.losses as losses
+from langcell.pretrain.losses import cell_cell_contrastive, cell_text_contrastive, gather_with_grad
 if sys.argv[2] == "fallback":  # what a torch without a differentiable functional all-gather runs
     losses._functional_gather_has_autograd = lambda: False
 dist.init_process_group("gloo")
@@ -125,7 +125,7 @@ def _kill_after_first_checkpoint(args, stage_dir):
 def test_two_process_training_losses_fall_resume_and_export(tmp_path, zero, micro, accum):
     """Half the cells have no identity text, so some micro-batches of a rank have none at all:
     ZeRO must still see every rank step through the same parameters."""
-    from pretrain.export import load_langcell
+    from langcell.pretrain.export import load_langcell
     lib, cfg = write_setup(tmp_path, steps1=14, steps2=10, deepspeed=str(_deepspeed_config(tmp_path, zero)),
                            micro_batch_size=micro, grad_accum_steps=accum, unlabelled_every=2, checkpoint_every=3)
     run = tmp_path / "run"

@@ -6,8 +6,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
-from pretrain.flops import StepShapes, layer_forward_flops, step_flops
-from pretrain.model import TextBert
+from langcell.pretrain.flops import StepShapes, layer_forward_flops, step_flops
+from langcell.pretrain.model import TextBert
 
 CELL = dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
-from pretrain.config import CellEncoderConfig
-from pretrain.export import load_langcell, save_langcell
-from pretrain.model import LangCellModel, TextBert, build_cell_encoder
-from pretrain.warm_start import read_state_dict
+from langcell.core.errors import LangCellError
+from langcell.pretrain.config import CellEncoderConfig
+from langcell.pretrain.export import load_langcell, save_langcell
+from langcell.pretrain.model import LangCellModel, TextBert, build_cell_encoder
+from langcell.pretrain.warm_start import read_state_dict
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "langcell_release_layout"
 EXPECTED = json.loads((FIXTURE / "expected_state_dict_keys.json").read_text())
@@ -65,7 +65,7 @@ def _shapes(state: dict) -> dict:
 
 
 def test_export_has_exactly_langcells_keys_and_shapes(exported):
-    from pretrain.langcell_layout import CELL_UNUSED_KEYS
+    from langcell.pretrain.langcell_layout import CELL_UNUSED_KEYS
 
     _, out = exported
     assert _shapes(read_state_dict(out / "text_bert")) == EXPECTED["text_bert"]

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from pretrain.config import ModelConfig, load_model_config
-from pretrain.export import load_langcell, save_langcell
-from pretrain.losses import mask_genes
-from pretrain.model import LangCellPretrainModel, load_text_tokenizer, resolve_text_model_path
-from langcell.config import from_dict
-from langcell.errors import LangCellError
+from langcell.pretrain.config import ModelConfig, load_model_config
+from langcell.pretrain.export import load_langcell, save_langcell
+from langcell.pretrain.losses import mask_genes
+from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer, resolve_text_model_path
+from langcell.core.config import from_dict
+from langcell.core.errors import LangCellError
 from tests.pretrain_helpers import MODEL, VOCAB
 
 
@@ -98,8 +98,8 @@ def test_mean_pooling_skips_padding_and_survives_export(tmp_path):
 def test_text_encoder_matches_hf_bert_in_text_mode():
     from transformers import AutoModel, AutoTokenizer
 
-    from pretrain.config import TextEncoderConfig
-    from pretrain.model import build_text_encoder
+    from langcell.pretrain.config import TextEncoderConfig
+    from langcell.pretrain.model import build_text_encoder
     path = resolve_text_model_path("all-MiniLM-L6-v2")
     hf = AutoModel.from_pretrained(path).eval()
     enc = AutoTokenizer.from_pretrained(path)(["a CD4 T cell in blood", "an erythrocyte"], padding=True,
@@ -140,7 +140,7 @@ def test_missing_text_model_is_one_line_error():
 
 
 def test_shipped_configs_load():
-    from pretrain.config import load_pretrain_config
+    from langcell.pretrain.config import load_pretrain_config
     assert load_model_config("base").cell.hidden_size == 512
     assert load_model_config("base").cell.num_hidden_layers == 12
     assert load_model_config("tiny").cell.vocab_size == 25427
@@ -153,8 +153,8 @@ def test_shipped_configs_load():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from pretrain.config import LossWeights
-    from pretrain.losses import pretrain_losses
+    from langcell.pretrain.config import LossWeights
+    from langcell.pretrain.losses import pretrain_losses
     ids, mask = _cells(b=6, length=24)
     texts = ["A T cell.", "A T cell.", "A B cell.", "A monocyte.", "A platelet.", "A B cell."]
     grads = []
@@ -185,7 +185,7 @@ def test_simcse_from_random_weights_collapses_with_cls_pooling_only(pooling):
     """Why the shipped configs pool by mean: from random weights every cell's <cls> state is the
     same vector, SimCSE cannot tell two views of one cell from two cells, and training leaves the
     loss at ln(batch); mean-pooled cells start apart and the loss falls."""
-    from pretrain.losses import cell_cell_contrastive
+    from langcell.pretrain.losses import cell_cell_contrastive
 
     model = _tiny_model(pooling=pooling).train()
     ids, mask = _cells(b=16, length=40)

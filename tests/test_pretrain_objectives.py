@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
-from pretrain.data import ASPECT_ORDER, choose_text, term_codes
-from pretrain.losses import (cell_text_contrastive, pretrain_losses, sample_hard_negatives, truth_matrix)
-from pretrain.model import LangCellPretrainModel, load_text_tokenizer
-from langcell.config import from_dict
+from langcell.pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
+from langcell.pretrain.data import ASPECT_ORDER, choose_text, term_codes
+from langcell.pretrain.losses import (cell_text_contrastive, pretrain_losses, sample_hard_negatives, truth_matrix)
+from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
+from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL, VOCAB
 
 INIT_SCALE = 1 / 0.07
@@ -273,9 +273,9 @@ def test_objectives_with_weight_zero_cost_nothing(off):
 def test_matching_head_learns_to_tell_true_descriptions_on_separable_types(tmp_path):
     """Trained alone on six separable synthetic types, the matching loss leaves its label prior
     (1 match : 2 non-matches, 0.637) well behind; it first sits on that plateau for ~200 steps."""
-    from pretrain.data import CellStream, library_shards
-    from pretrain.model import resolve_text_model_path
-    from pretrain.synthetic import write_synthetic_library
+    from langcell.pretrain.data import CellStream, library_shards
+    from langcell.pretrain.model import resolve_text_model_path
+    from langcell.pretrain.synthetic import write_synthetic_library
 
     torch.set_num_threads(1)
     lib = write_synthetic_library(tmp_path / "lib", n_cells=512, n_shards=2, vocab_size=600, min_len=12, max_len=40,

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from pretrain.config import LossWeights, LrMultipliers, ModelConfig, StageConfig
-from pretrain.engine import _optimizer, freeze_unused
-from pretrain.model import LangCellPretrainModel
-from langcell.config import from_dict
+from langcell.pretrain.config import LossWeights, LrMultipliers, ModelConfig, StageConfig
+from langcell.pretrain.engine import _optimizer, freeze_unused
+from langcell.pretrain.model import LangCellPretrainModel
+from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from langcell.errors import LangCellError
-from pretrain.engine import consolidated_state_dict, pretrain
+from langcell.core.errors import LangCellError
+from langcell.pretrain.engine import consolidated_state_dict, pretrain
 from tests.pretrain_helpers import REPO, env, read_metrics, run_cli, write_setup
 
 
@@ -91,7 +91,7 @@ def test_stage2_needs_stage1(setup):
 @pytest.mark.slow
 def test_two_stages_then_export_loads_the_trained_weights(setup):
     """ZeRO-0 here (weights in the model-states file); ZeRO-2/3 exports are in test_pretrain_distributed."""
-    from pretrain.export import load_langcell
+    from langcell.pretrain.export import load_langcell
     tmp, lib, cfg = setup
     run = tmp / "run"
     for stage in ("1", "2"):
@@ -167,7 +167,7 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
 
 
 def test_micro_step_seeds_fit_torch_and_never_collide():
-    from pretrain.engine import _seed
+    from langcell.pretrain.engine import _seed
     seeds = {_seed(s, stage, step, micro, rank) for s in (0, 1844, 2**63 - 1) for stage in (1, 2)
              for step in (0, 1, 10**6) for micro in range(12) for rank in (0, 83, 1009)}
     assert len(seeds) == 3 * 2 * 3 * 12 * 3  # an arithmetic mix made (step 0, micro 10) == (step 1, rank 83)
@@ -185,7 +185,7 @@ def test_seed_out_of_range_refused(setup):
 
 def test_batching_has_one_source(setup):
     """Accumulation and clipping come from configs/pretrain; a DeepSpeed config cannot set them too."""
-    from pretrain.config import load_pretrain_config
+    from langcell.pretrain.config import load_pretrain_config
     tmp, lib, cfg = setup
     ds = tmp / "clip.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5,

@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from langcell.config import from_dict
-from langcell.errors import LangCellError
-from pretrain.config import ModelConfig
-from pretrain.model import LangCellPretrainModel
+from langcell.core.config import from_dict
+from langcell.core.errors import LangCellError
+from langcell.pretrain.config import ModelConfig
+from langcell.pretrain.model import LangCellPretrainModel
 from tests.pretrain_helpers import MODEL, VOCAB
 
 GENEFORMER_VOCAB = VOCAB - 1  # the checkpoint lacks our last token, <cls>
@@ -95,7 +95,7 @@ def test_cell_encoder_and_mlm_head_start_from_geneformer(tmp_path, caplog):
     mlm = _geneformer(tmp_path / "gf")
     from safetensors.torch import load_file
     assert "cls.predictions.decoder.weight" not in load_file(str(tmp_path / "gf" / "model.safetensors"))
-    with caplog.at_level(logging.INFO, logger="pretrain.warm_start"):
+    with caplog.at_level(logging.INFO, logger="langcell.pretrain.warm_start"):
         model = _model(tmp_path / "gf")
     _check_loaded(model, mlm)
     n_tensors = len(list(model.cell_bert.parameters())) + len(list(model.mlm_head.parameters()))
@@ -208,8 +208,8 @@ def test_base_yaml_example_fits_geneformer_12l(tmp_path):
     config.json the base shape passes (the shape check reads config.json only)."""
     import json
 
-    from pretrain.config import MODEL_CONFIG_DIR, load_model_config
-    from pretrain.warm_start import _parse_hub_id, check_cell_checkpoint
+    from langcell.pretrain.config import MODEL_CONFIG_DIR, load_model_config
+    from langcell.pretrain.warm_start import _parse_hub_id, check_cell_checkpoint
     lines = [ln.strip() for ln in (MODEL_CONFIG_DIR / "base.yaml").read_text().splitlines()]
     spec = next(ln for ln in lines if ln.startswith("# init_from:")).split(": ", 1)[1]
     assert _parse_hub_id(spec) == ("ctheodoris/Geneformer", "933ca80e39d421c47a12168699766bb7e4e2c197",

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

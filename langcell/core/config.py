@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from langcell.errors import LangCellError
+from langcell.core.errors import LangCellError
 
 T = TypeVar("T")
 

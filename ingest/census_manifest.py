@@ -5,8 +5,6 @@ manifest written before any cell is read and updated part by part, resuming, sha
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from langcell.core.errors import LangCellError
-from langcell.core.files import atomic_write_json, output_lock, read_json, sha256_file
+from langcell.core.files import atomic_write_json, output_lock, read_json, sha256_file, shared_lock
 
 FORMAT = "langcell-ingest/1"
 
@@ -186,19 +184,10 @@ def _verify_parts(out: Path, identity: dict[str, Any], parts: list[dict[str, Any
                             f"{plan['n_cells']}; rerun the shards")
 
 
-
 @contextlib.contextmanager
 def _shard_lock(out: Path, index: int, count: int) -> Iterator[None]:
     """Shared lock on the folder (shards run side by side; merge and unsharded runs are kept out)
     plus an exclusive lock on this shard (the same array index never runs twice at once)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise LangCellError(f"{out}: an unsharded run or a merge holds this folder; wait for it to "
-                                "finish") from None
+    with shared_lock(out, "an unsharded run or a merge"):
         with output_lock(out / ".shards" / f"{index}-of-{count}"):
             yield

@@ -133,3 +133,27 @@ def test_a_flock_kept_by_a_dead_runs_worker_says_so(tmp_path):
             time.sleep(0.05)
     else:
         pytest.fail("the lock was not released once the worker died")
+
+
+@pytest.mark.parametrize("flock", ["works", "refused"])
+def test_shared_holders_coexist_and_keep_the_exclusive_run_out(tmp_path, monkeypatch, flock):
+    """Sharded ingest: shards hold the folder shared side by side; a merge (exclusive) holding it
+    keeps new shards out, with flock and with the owner file where flock is refused."""
+    if flock == "refused":
+        monkeypatch.setattr(files.fcntl, "flock", _no_flock(errno.ENOSYS))
+    with files.shared_lock(tmp_path, "a merge"), files.shared_lock(tmp_path, "a merge"):
+        pass
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    proc.start()
+    assert ready.wait(10)
+    try:
+        with pytest.raises(LangCellError, match=f"^{tmp_path}: a merge holds this folder; wait"):
+            with files.shared_lock(tmp_path, "a merge"):
+                pass
+    finally:
+        release.set()
+        proc.join()
+    with files.shared_lock(tmp_path, "a merge"):
+        pass

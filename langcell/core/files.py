@@ -146,6 +146,36 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def shared_lock(folder: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Hold `folder` shared: any number of shared holders at once, none while `output_lock(folder)`
+    is held (`holder` names who that is, for the error). Where flock is refused (or
+    `LANGCELL_LOCK=file`) there is no shared lock file can express, so only an exclusive
+    holder's owner file is checked: an exclusive run that starts later is not kept out."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    busy = f"{folder}: {holder} holds this folder; wait for it to finish"
+    if os.environ.get("LANGCELL_LOCK", "flock") != "file":
+        with open(folder / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise LangCellError(busy) from None
+                if exc.errno not in _FLOCK_UNSUPPORTED:
+                    raise LangCellError(f"{folder / '.lock'}: cannot lock ({exc.strerror}); "
+                                        "write to a folder on another filesystem") from None
+            else:
+                yield
+                return
+    owner = folder / OWNER_FILE
+    if owner.is_file():
+        pid = _on_this_host(owner.read_text().strip())
+        if pid is None or _pid_alive(pid):
+            raise LangCellError(busy)
+    yield
+
+
 def _on_this_host(holder: str) -> int | None:
     """The pid of a `pid P on HOST` holder when HOST is this machine."""
     parts = holder.split()

@@ -317,7 +317,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
                    open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
-        batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
+        batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None,
+        pin_memory=on_gpu)  # page-locked batches make the non-blocking copies to the GPU asynchronous
     batches = iter(loader)
     text_config = model.text_bert.config if stage == 2 else None
     writer = None

@@ -36,9 +36,13 @@ c, t, v = (x[part].clone().requires_grad_() for x in (cells, texts, views))
 loss = (cell_text_contrastive(c, t, codes[part], aspects[part], has_text[part], torch.tensor(14.0))
         + cell_cell_contrastive(c, v, 0.05))
 loss.backward()
-path = type(gather_with_grad(c).grad_fn).__name__
-torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad, "path": path},
+probe = gather_with_grad(c)
+path = type(probe.grad_fn).__name__
+torch.save({"loss": loss.detach(), "c": c.grad, "t": t.grad, "v": v.grad, "path": path, "probe": probe.detach()},
            sys.argv[1] + f"/rank{rank}.pt")
+# Neither rank may tear the group down while the other still waits on a collective: gloo then
+# aborts the waiting process ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
 '''
 

@@ -73,7 +73,7 @@ def batch_shapes(batch: dict, stage: int, weights, mask_prob: float) -> StepShap
         text_lengths = batch["text_mask"].sum(1).tolist()
         shapes.text_lengths = text_lengths
         if weights.ctm:
-            own = [(text_lengths[t], lengths[b]) for b, t in enumerate(batch["text_index"].tolist())
-                   if batch["has_text"][b]]
+            own = [(text_lengths[t], length) for t, length, has in
+                   zip(batch["text_index"].tolist(), lengths, batch["has_text"].tolist()) if has]
             shapes.match_pairs = own * 3
     return shapes

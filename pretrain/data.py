@@ -2,12 +2,24 @@
 
 The batch sequence one rank sees is a pure function of (library, seed, stage, rank, world
 size): shards are permuted per epoch with a seed, `open_shards` of them are read at once with
-their samples interleaved at random, passed through a seeded shuffle buffer, and batched inside
-windows sorted by length. Loader workers all walk the same stream and each collates only every
-`num_workers`-th batch, so the sequence does not depend on the worker count. Every window's
-starting state (shard order, open shards with byte offsets, the shuffle buffer as (shard,
-offset) references, RNG states) travels with its batches; the trainer saves it with each
-checkpoint and a resumed stream rebuilds it by reading the buffer and one window again.
+their samples interleaved at random and passed through a shuffle buffer. Batches then come one
+of two ways:
+- a fixed number of cells (`tokens_per_batch` None): windows of `bucket_batches` batches sorted
+  by length, the window's batches in an order shuffled per rank. Enough for one process; across
+  ranks, step s may give one rank its shortest batch and another its longest, and the longest
+  sets every rank's step time.
+- a token budget: every batch holds `tokens_per_batch // target` cells of at most `target`
+  tokens, where the step's target length is drawn with an RNG seeded without the rank, so all
+  ranks batch the same count of cells of about the same length at every step (the contrastive
+  all-gathers see equal counts and no rank waits on another). Each rank takes the longest cells
+  of at most the target from its shuffle buffer (oldest first among equal lengths). Targets are
+  drawn so that each length is batched as often as the library holds it, estimated from a seeded
+  sample of the library that every rank reads alike (`length_targets`).
+Loader workers all walk the same stream and each collates only every `num_workers`-th batch, so
+the sequence does not depend on the worker count. The state at the start of every window of
+`bucket_batches` batches (shard order, open shards with byte offsets, the shuffle buffer as
+(shard, offset) references, RNG states) travels with its batches; the trainer saves it with
+each checkpoint and a resumed stream rebuilds it by reading the buffer and one window again.
 
 A stage-2 batch carries, beside the cells, what the objectives need to tell true descriptions
 from false ones by meaning: a term code per identity aspect of every cell and the aspects each
@@ -117,21 +129,100 @@ def term_codes(meta: dict, texts: dict) -> list[int]:
 
 STREAM_FORMAT = "langcell-stream/1"
 
+# Token-budget batching (see the module docstring). The sample of the library's lengths: enough
+# cells to know each length's share to about a percent, from few shards (shards are uniform
+# samples of their split; opening thousands would cost more than the reading).
+SAMPLE_CELLS = 4096
+SAMPLE_CELLS_PER_SHARD = 256
+# A length that the targets serve less often than the library holds it piles up in the buffer,
+# which must then be read past; one served more often only makes longer targets take shorter
+# cells. So the targets lean long against the sample's error: each sampled length is stretched
+# by LENGTH_MARGIN and TOP_SHARE of the cells are batched at max_length.
+LENGTH_MARGIN = 0.05
+TOP_SHARE = 0.03
+# No target asks for more than 1/BUFFER_DEPTH of the cells an average buffer holds at or below
+# it: a few short targets in a row would otherwise empty the buffer's short end.
+BUFFER_DEPTH = 8
+# A buffer that must grow past this many times its size to find cells that fit means the
+# library's lengths differ from its sample: stop before memory does.
+BUFFER_GROWTH_LIMIT = 16
+
+
+def _round_up(value, multiple: int):
+    return -(-value // multiple) * multiple
+
+
+def sample_lengths(shards: list, seed: int, max_length: int, require_text: bool = False) -> np.ndarray:
+    """Sorted lengths (cut at max_length) of up to SAMPLE_CELLS cells: the first
+    SAMPLE_CELLS_PER_SHARD cells of each shard, shards in an order drawn with `seed` alone, so
+    every rank and loader worker reads the same sample."""
+    from langcell.pretrain.tar_reader import ShardReader
+    lengths: list[int] = []
+    for i in np.random.default_rng([seed, 5]).permutation(len(shards)):
+        reader, taken = ShardReader(str(shards[i])), 0
+        try:
+            while taken < SAMPLE_CELLS_PER_SHARD and len(lengths) < SAMPLE_CELLS:
+                got = reader.read()
+                if got is None:
+                    break
+                sample = got[1]
+                if require_text and not json.loads(sample["texts.json"]):
+                    continue
+                lengths.append(min(len(np.load(io.BytesIO(sample["input_ids.npy"]))), max_length))
+                taken += 1
+        finally:
+            reader.close()
+        if len(lengths) == SAMPLE_CELLS:
+            break
+    if not lengths:
+        raise LangCellError(f"{shards[0] if shards else 'shards'}: the library's shards hold no cells"
+                            f"{' with text' if require_text else ''}; use a library that has some")
+    return np.sort(np.array(lengths, dtype=np.int64))
+
+
+def length_targets(lengths: np.ndarray, max_length: int, tokens_per_batch: int, shuffle_buffer: int,
+                   pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(target lengths, cumulative probability of drawing each for a step) such that every
+    length is batched as often as `lengths` (a sample of the library) holds it, leaning long
+    (LENGTH_MARGIN, TOP_SHARE). Targets are multiples of 8 (max_length excepted), so widths
+    padded to a multiple of 8 stay within the budget; none lies below the shortest length at
+    which an average buffer holds BUFFER_DEPTH batches of cells that fit."""
+    grid = np.unique(np.minimum(np.arange(8, max_length + 8, 8), max_length))
+    counts = tokens_per_batch // _round_up(grid, pad_multiple)
+    share_below = np.searchsorted(lengths, grid, side="right") / len(lengths)
+    deep = np.flatnonzero(share_below * shuffle_buffer >= BUFFER_DEPTH * counts)
+    if not len(deep):
+        raise LangCellError(f"data.shuffle_buffer: {shuffle_buffer} cells are too few for batches of "
+                            f"{counts[-1]} cells at max_length {max_length} (data.tokens_per_batch "
+                            f"{tokens_per_batch}); set it to at least {BUFFER_DEPTH * counts[-1]}")
+    stretched = _round_up(np.ceil(lengths * (1 + LENGTH_MARGIN)).astype(np.int64), 8)
+    targets = np.append(np.clip(stretched, grid[deep[0]], max_length), max_length)
+    cells = np.append(np.full(len(lengths), (1 - TOP_SHARE) / len(lengths)), TOP_SHARE)
+    # A step of target t batches tokens_per_batch // t cells: steps are drawn in proportion to
+    # the cells a target must batch over the cells one of its steps takes.
+    steps = cells / (tokens_per_batch // _round_up(targets, pad_multiple))
+    unique, inverse = np.unique(targets, return_inverse=True)
+    weight = np.cumsum(np.bincount(inverse, steps))
+    cumulative = weight / weight[-1]
+    cumulative[-1] = 1.0  # a draw in [0, 1) always lands on a target
+    return unique, cumulative
+
 
 class CellStream(torch.utils.data.IterableDataset):
     """Infinite stream of collated batches for one rank (see the module docstring).
 
-    Every batch carries `stream_batch` (its index in its length-sorted window) and, on the first
-    batch of each window this iterator yields, `stream_window`: the stream's state where that
-    window began (JSON). `{"window": ..., "consumed": stream_batch + 1}` passed back as `resume`
-    continues right after that batch, reading only the shuffle buffer and one window again.
+    Every batch carries `stream_batch` (its index in its window of `bucket_batches` batches)
+    and, on the first batch of each window this iterator yields, `stream_window`: the stream's
+    state where that window began (JSON). `{"window": ..., "consumed": stream_batch + 1}` passed
+    back as `resume` continues right after that batch, reading only the shuffle buffer and one
+    window again. `batch_size` cells make a batch unless `tokens_per_batch` is set.
     """
 
     def __init__(self, shards: list[Path], *, rank: int, world: int, seed: int, batch_size: int,
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
                  start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False,
-                 resume: dict | None = None):
+                 tokens_per_batch: int | None = None, resume: dict | None = None):
         super().__init__()
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
@@ -142,6 +233,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.pad_multiple = pad_multiple
         self.open_shards = max(1, open_shards)
         self.require_text = require_text
+        self.tokens_per_batch = tokens_per_batch
         self._tokenizer = None
         if resume is not None:
             saved, now = resume["window"]["stream"], self.identity()
@@ -151,23 +243,34 @@ class CellStream(torch.utils.data.IterableDataset):
                                     f"since ({', '.join(changed)}); resume with the library, data config and "
                                     "number of ranks it started with")
         self.resume = resume
+        if tokens_per_batch is not None:
+            top = tokens_per_batch // _round_up(max_length, pad_multiple)
+            if top < 2:
+                raise LangCellError(f"data.tokens_per_batch: {tokens_per_batch} tokens make {top} cell(s) a batch at "
+                                    f"max_length {max_length} (contrastive needs 2); set it to at least "
+                                    f"{2 * _round_up(max_length, pad_multiple)}")
+            # Read once here, so loader workers get it with the dataset instead of each reading it.
+            self.targets = length_targets(sample_lengths(self.shards, seed, max_length, require_text), max_length,
+                                          tokens_per_batch, shuffle_buffer, pad_multiple)
 
     def identity(self) -> dict:
         """What a saved position is only valid for."""
         return {"format": STREAM_FORMAT, "shards": [Path(s).name for s in self.shards], "rank": self.rank,
                 "world": self.world, "seed": self.seed, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer, "bucket_batches": self.bucket_batches,
-                "max_length": self.max_length, "open_shards": self.open_shards, "require_text": self.require_text}
+                "max_length": self.max_length, "open_shards": self.open_shards, "require_text": self.require_text,
+                "tokens_per_batch": self.tokens_per_batch}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         # DataLoader takes batch k of its output from worker k % nw, starting at worker 0; so
         # worker w owns batch g of this iterator's output when (g - start) % nw == w.
+        make_windows = self._windows if self.tokens_per_batch is None else self._budget_windows
         if self.resume is None:
-            windows, skip, start = self._windows(None), 0, self.start_batch
+            windows, skip, start = make_windows(None), 0, self.start_batch
         else:
-            windows, skip, start = self._windows(self.resume["window"]), self.resume["consumed"], 0
+            windows, skip, start = make_windows(self.resume["window"]), self.resume["consumed"], 0
         g = 0
         for state, batches in windows:
             first = True
@@ -213,6 +316,54 @@ class CellStream(torch.utils.data.IterableDataset):
             cells.sort(key=lambda c: len(c[2]))
             batches = [cells[i:i + self.batch_size] for i in range(0, window, self.batch_size)]
             yield state, [batches[j] for j in batch_rng.permutation(len(batches))]
+
+    def _budget_windows(self, state: dict | None):
+        """(state where the window began, its bucket_batches batches) by token budget: a batch
+        takes, from the shuffle buffer topped up to its size, the `tokens_per_batch // target`
+        longest cells of at most the step's target length, the oldest first among equal lengths
+        (the buffer keeps arrival order). The buffer grows past its size only while too few
+        cells fit."""
+        source = _SampleSource(self, state["source"] if state else None)
+        if state:
+            buffer = [self._buffered(epoch, (shard, offset), _read_sample(self.shards[shard], offset))
+                      for epoch, shard, offset in state["buffer"]]
+            target_rng = _rng(state["target_rng"])
+        else:
+            buffer, target_rng = [], np.random.default_rng([self.seed, 6])  # no rank: one target for all
+        lengths = np.array([len(ids) for *_, ids in buffer], dtype=np.int64)
+        targets, cumulative = self.targets
+        while True:
+            state = {"stream": self.identity(), "source": source.state(),
+                     "buffer": [[epoch, shard, offset] for epoch, (shard, offset), _, _ in buffer],
+                     "target_rng": target_rng.bit_generator.state}
+            batches = []
+            for _ in range(self.bucket_batches):
+                target = int(targets[np.searchsorted(cumulative, target_rng.random(), side="right")])
+                count = self.tokens_per_batch // _round_up(target, self.pad_multiple)
+                fit, added = int((lengths <= target).sum()), []
+                while len(buffer) + len(added) < self.shuffle_buffer or fit < count:
+                    if len(buffer) + len(added) >= BUFFER_GROWTH_LIMIT * self.shuffle_buffer:
+                        raise LangCellError(
+                            f"data.shuffle_buffer: rank {self.rank} read {len(buffer) + len(added)} cells without "
+                            f"finding {count} of at most {target} tokens (the library's lengths differ from its "
+                            "sample); raise data.shuffle_buffer or set data.tokens_per_batch to null")
+                    added.append(self._buffered(*source.next()))
+                    fit += len(added[-1][3]) <= target
+                if added:
+                    buffer += added
+                    lengths = np.append(lengths, [len(ids) for *_, ids in added])
+                fits = np.flatnonzero(lengths <= target)
+                chosen = fits[np.lexsort((fits, -lengths[fits]))[:count]]
+                batches.append([(buffer[i][0], buffer[i][2], buffer[i][3]) for i in chosen])
+                keep = np.ones(len(buffer), dtype=bool)
+                keep[chosen] = False
+                buffer = [cell for cell, kept in zip(buffer, keep) if kept]
+                lengths = lengths[keep]
+            yield state, batches
+
+    def _buffered(self, epoch: int, ref: tuple[int, int], sample: dict) -> tuple:
+        """(epoch, (shard, offset), sample, token ids): the ids decoded once, their bytes dropped."""
+        return epoch, ref, sample, np.load(io.BytesIO(sample.pop("input_ids.npy")))[: self.max_length]
 
     def _collate(self, cells) -> dict:
         lengths = [len(ids) for _, _, ids in cells]

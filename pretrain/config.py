@@ -131,19 +131,30 @@ class TextChoiceConfig:
 @dataclass
 class DataConfig:
     shuffle_buffer: int = 1000
-    # Cells are sorted by length inside a window of bucket_batches batches before batching,
-    # which cuts padding without making a batch's composition depend on anything but the seed.
+    # Without tokens_per_batch: cells are sorted by length inside a window of bucket_batches
+    # batches before batching, which cuts padding without making a batch's composition depend on
+    # anything but the seed. Either way a resumed run reads one window again.
     bucket_batches: int = 8
     num_workers: int = 2
     max_length: int = 2048
     # Shards read at once, their samples interleaved: a batch then mixes several shards' cells.
     open_shards: int = 4
+    # Token budget of a batch (cells x padded length), for several ranks: at every step all ranks
+    # batch the same number of cells of about the same length (a target drawn alike on every
+    # rank), so none waits on another's longer batch; short cells come many to a batch, cells of
+    # max_length tokens_per_batch // max_length (>= 2) to one. Each rank picks its cells from its
+    # shuffle buffer, which must hold 8 batches at max_length (larger packs tighter).
+    # null: every rank batches micro_batch_size cells from its own windows, which is all one
+    # process needs (pretrain/data.py).
+    tokens_per_batch: int | None = None
 
 
 @dataclass
 class PretrainConfig:
     model: str = "tiny"
     seed: int = 0
+    # Cells per batch without data.tokens_per_batch; with it, only the nominal size DeepSpeed is
+    # told (it checks no shapes) and the token budget sets each batch's cells.
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
@@ -192,6 +203,11 @@ def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None
     if cfg.grad_accum_steps < 1 or cfg.micro_batch_size < 2:
         raise LangCellError(f"{path}: micro_batch_size must be >= 2 (contrastive needs negatives) and "
                             "grad_accum_steps >= 1; fix the values")
+    budget = cfg.data.tokens_per_batch
+    if budget is not None and budget < 2 * cfg.data.max_length:
+        raise LangCellError(f"{path}: data.tokens_per_batch {budget} holds fewer than 2 cells of max_length "
+                            f"{cfg.data.max_length} (contrastive needs negatives); set it to at least "
+                            f"{2 * cfg.data.max_length} or to null")
     return cfg
 
 

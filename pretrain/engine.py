@@ -285,6 +285,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         model.enable_activation_checkpointing()
     optimizer, scheduler = _optimizer(model, stage_cfg)
     ds = {k: v for k, v in ds_cfg.items() if not k.startswith("_")}
+    # With a token budget the cells of a batch vary by step: micro_batch_size is then a nominal
+    # number, which DeepSpeed only uses to check the arithmetic of train_batch_size.
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum_steps,
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum_steps * world, gradient_clipping=cfg.grad_clip,
               zero_allow_untested_optimizer=True)
@@ -316,7 +318,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
                    resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
-                   open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only),
+                   open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only,
+                   tokens_per_batch=cfg.data.tokens_per_batch),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None,
         pin_memory=on_gpu)  # page-locked batches make the non-blocking copies to the GPU asynchronous
     batches = iter(loader)

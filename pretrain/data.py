@@ -143,6 +143,9 @@ TOP_SHARE = 0.03
 # No target asks for more than 1/BUFFER_DEPTH of the cells an average buffer holds at or below
 # it: a few short targets in a row would otherwise empty the buffer's short end.
 BUFFER_DEPTH = 8
+# A plain shuffle buffer of W cells emits 98% of its cells within 4 W arrivals; picking by
+# length would let a cell that longer ones keep passing over wait far longer.
+OVERDUE = 4
 # A buffer that must grow past this many times its size to find cells that fit means the
 # library's lengths differ from its sample: stop before memory does.
 BUFFER_GROWTH_LIMIT = 16
@@ -319,23 +322,27 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def _budget_windows(self, state: dict | None):
         """(state where the window began, its bucket_batches batches) by token budget: a batch
-        takes, from the shuffle buffer topped up to its size, the `tokens_per_batch // target`
-        longest cells of at most the step's target length, the oldest first among equal lengths
-        (the buffer keeps arrival order). The buffer grows past its size only while too few
-        cells fit."""
+        takes, from the shuffle buffer topped up to its size, `tokens_per_batch // target` cells
+        of at most the step's target length: the longest, the oldest first among equal lengths.
+        Two exceptions keep every cell's wait bounded, as a plain shuffle buffer's is: cells that
+        have waited OVERDUE buffers' worth of arrivals go first, and the shortest target takes the
+        oldest cells that fit (cells below it are passed over by every target while longer ones
+        fit). The buffer grows past its size only while too few cells fit."""
         source = _SampleSource(self, state["source"] if state else None)
         if state:
             buffer = [self._buffered(epoch, (shard, offset), _read_sample(self.shards[shard], offset))
                       for epoch, shard, offset in state["buffer"]]
+            arrived, arrivals = np.array(state["arrived"], dtype=np.int64), state["arrivals"]
             target_rng = _rng(state["target_rng"])
         else:
-            buffer, target_rng = [], np.random.default_rng([self.seed, 6])  # no rank: one target for all
+            buffer, arrived, arrivals = [], np.zeros(0, dtype=np.int64), 0
+            target_rng = np.random.default_rng([self.seed, 6])  # no rank: one target for all ranks
         lengths = np.array([len(ids) for *_, ids in buffer], dtype=np.int64)
         targets, cumulative = self.targets
         while True:
             state = {"stream": self.identity(), "source": source.state(),
                      "buffer": [[epoch, shard, offset] for epoch, (shard, offset), _, _ in buffer],
-                     "target_rng": target_rng.bit_generator.state}
+                     "arrived": arrived.tolist(), "arrivals": arrivals, "target_rng": target_rng.bit_generator.state}
             batches = []
             for _ in range(self.bucket_batches):
                 target = int(targets[np.searchsorted(cumulative, target_rng.random(), side="right")])
@@ -352,13 +359,19 @@ class CellStream(torch.utils.data.IterableDataset):
                 if added:
                     buffer += added
                     lengths = np.append(lengths, [len(ids) for *_, ids in added])
-                fits = np.flatnonzero(lengths <= target)
-                chosen = fits[np.lexsort((fits, -lengths[fits]))[:count]]
+                    arrived = np.append(arrived, np.arange(arrivals, arrivals + len(added)))
+                    arrivals += len(added)
+                fits = np.flatnonzero(lengths <= target)  # in arrival order
+                if target == targets[0]:
+                    chosen = fits[:count]
+                else:
+                    overdue = arrivals - arrived[fits] >= OVERDUE * self.shuffle_buffer
+                    chosen = fits[np.lexsort((fits, -lengths[fits], ~overdue))[:count]]
                 batches.append([(buffer[i][0], buffer[i][2], buffer[i][3]) for i in chosen])
                 keep = np.ones(len(buffer), dtype=bool)
                 keep[chosen] = False
                 buffer = [cell for cell, kept in zip(buffer, keep) if kept]
-                lengths = lengths[keep]
+                lengths, arrived = lengths[keep], arrived[keep]
             yield state, batches
 
     def _buffered(self, epoch: int, ref: tuple[int, int], sample: dict) -> tuple:

@@ -123,7 +123,10 @@ def test_two_stages_then_export_loads_the_trained_weights(setup):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_repeats_the_same_losses(tmp_path):
-    lib, cfg = write_setup(tmp_path, steps1=40, checkpoint_every=5)
+    """With token-budget batches (a 2-rank run resumes with per-rank batches in test_pretrain_distributed)."""
+    lib, cfg = write_setup(tmp_path, steps1=40, checkpoint_every=5,
+                           data={"shuffle_buffer": 48, "bucket_batches": 2, "num_workers": 0, "max_length": 128,
+                                 "tokens_per_batch": 384})
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = run_cli(["pretrain", "--config", str(cfg), "--data", str(lib), "--out", str(full), "--stage", "1"])
     assert r.returncode == 0, r.stderr[-3000:]

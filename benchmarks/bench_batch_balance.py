@@ -116,7 +116,8 @@ def _report(args, runs: list[dict], load: float, made: float) -> str:
              f"{platform.python_version()}; date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; load "
              f"average before the run {load:.1f}.",
              f"Input: a synthetic library of {args.cells:,} cells ({8 * WORLD} shards, lengths uniform in "
-             f"200..{MAX_LENGTH:,} tokens; written in {made:.0f}s), streamed by {WORLD} ranks of {WORLD} in one process, "
+             f"200..{MAX_LENGTH:,} tokens; written in {made:.0f}s), streamed by {WORLD} ranks of {WORLD} in one "
+             "process, "
              f"{args.steps} batches each: base.yaml's batching (max_length {MAX_LENGTH:,}, windows of {BUCKET_BATCHES} "
              f"batches, 4 open shards), widths padded to multiples of 8. Per-rank: {MICRO_BATCH} cells a batch; "
              f"budget: data.tokens_per_batch {TOKENS_PER_BATCH:,}. base.yaml's own buffer is 20,000 cells.", "",
@@ -126,7 +127,8 @@ def _report(args, runs: list[dict], load: float, made: float) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
         name = "per-rank, 16 cells" if r["tokens_per_batch"] is None else f"budget, {r['tokens_per_batch']:,} tokens"
-        lines.append(f"| {name} | {r['buffer']:,} | {r['real_max_over_mean']:.3f} | {r['real_max_over_mean_p95']:.3f} | "
+        lines.append(f"| {name} | {r['buffer']:,} | {r['real_max_over_mean']:.3f} | "
+                     f"{r['real_max_over_mean_p95']:.3f} | "
                      f"{r['padded_max_over_mean']:.3f} | {r['padding_share']:.1%} | {r['cells_per_step']:.1f} | "
                      f"{r['real_tokens_per_step']:,.0f} | {r['real_share_of_slowest']:.1%} | "
                      f"{r['cells_per_s']:,.0f} |")

@@ -11,10 +11,10 @@ of two ways:
 - a token budget: every batch holds `tokens_per_batch // target` cells of at most `target`
   tokens, where the step's target length is drawn with an RNG seeded without the rank, so all
   ranks batch the same count of cells of about the same length at every step (the contrastive
-  all-gathers see equal counts and no rank waits on another). Each rank takes the longest cells
-  of at most the target from its shuffle buffer (oldest first among equal lengths). Targets are
-  drawn so that each length is batched as often as the library holds it, estimated from a seeded
-  sample of the library that every rank reads alike (`length_targets`).
+  all-gathers see equal counts, and no rank waits on another's longer batch). Each rank takes
+  the longest cells of at most the target from its shuffle buffer (oldest first among equal
+  lengths). Targets are drawn so that each length is batched as often as the library holds it,
+  estimated from a seeded sample of the library that every rank reads alike (`length_targets`).
 Loader workers all walk the same stream and each collates only every `num_workers`-th batch, so
 the sequence does not depend on the worker count. The state at the start of every window of
 `bucket_batches` batches (shard order, open shards with byte offsets, the shuffle buffer as
@@ -187,9 +187,9 @@ def length_targets(lengths: np.ndarray, max_length: int, tokens_per_batch: int, 
                    pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(target lengths, cumulative probability of drawing each for a step) such that every
     length is batched as often as `lengths` (a sample of the library) holds it, leaning long
-    (LENGTH_MARGIN, TOP_SHARE). Targets are multiples of 8 (max_length excepted), so widths
-    padded to a multiple of 8 stay within the budget; none lies below the shortest length at
-    which an average buffer holds BUFFER_DEPTH batches of cells that fit."""
+    (LENGTH_MARGIN, TOP_SHARE). Targets are multiples of 8 (max_length excepted), the multiple
+    GPUs pad widths to, so a padded batch can fill its budget; none lies below the shortest
+    length at which an average buffer holds BUFFER_DEPTH batches of cells that fit."""
     grid = np.unique(np.minimum(np.arange(8, max_length + 8, 8), max_length))
     counts = tokens_per_batch // _round_up(grid, pad_multiple)
     share_below = np.searchsorted(lengths, grid, side="right") / len(lengths)

@@ -412,6 +412,8 @@ class CellStream(torch.utils.data.IterableDataset):
         index = torch.tensor(index, dtype=torch.long)
         return {"text_ids": enc["input_ids"], "text_mask": enc["attention_mask"],
                 "has_text": index >= 0, "text_index": index.clamp(min=0),
+                # Listed here so that the matching objective's shapes are known on the host.
+                "text_rows": (index >= 0).nonzero().squeeze(1),
                 "term_codes": torch.tensor(codes, dtype=torch.long),
                 "text_aspects": torch.tensor(mentioned, dtype=torch.bool)}
 

@@ -34,6 +34,7 @@ from langcell.core.errors import LangCellError
 from langcell.core.files import atomic_path, atomic_write_bytes, atomic_write_json, output_lock, read_json
 from langcell.pretrain.config import DEEPSPEED_CONFIG_DIR, PretrainConfig, load_model_config, load_pretrain_config
 from langcell.pretrain.flops import batch_shapes, step_flops
+from langcell.pretrain.losses import masked_gene_count
 
 
 # ----------------------------------------------------------------------------- setup
@@ -344,15 +345,16 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             began, consumed = batch.pop("stream_window"), batch.pop("stream_batch") + 1
             stream_position = {"window": json.loads(began) if began else stream_position["window"],
                                "consumed": consumed}
+            n_masked = masked_gene_count(batch["cell_ids"], cfg.mask_prob, cls_id=model.cell_bert.config.vocab_size - 1)
             flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim,
-                               batch_shapes(batch, stage, stage_cfg.losses, cfg.mask_prob))
+                               batch_shapes(batch, stage, stage_cfg.losses, n_masked))
             window.update(cells=window["cells"] + batch["cell_ids"].shape[0],
                           tokens=window["tokens"] + int(batch["n_tokens"]),
                           padded=window["padded"] + int(batch["n_padded"]), flops=window["flops"] + flops)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
-                                 simcse_temperature=cfg.simcse_temperature)
+                                 simcse_temperature=cfg.simcse_temperature, n_masked=n_masked)
             engine.backward(loss)
             engine.step()
             parts["loss"] = loss.detach()

@@ -62,13 +62,14 @@ def step_flops(cell, text, proj: int, shapes: StepShapes) -> int:
     return TRAIN_FACTOR * fwd
 
 
-def batch_shapes(batch: dict, stage: int, weights, mask_prob: float) -> StepShapes:
+def batch_shapes(batch: dict, stage: int, weights, n_masked: int) -> StepShapes:
     """The shapes of a collated batch (host tensors, before they move to the device) as the
     stage's objectives use them; matching counts BLIP's three pairs per cell with a text (its
-    own text, one hard negative text, and as the negative cell of one other text)."""
+    own text, one hard negative text, and as the negative cell of one other text); `n_masked`
+    is the number of genes the masked-gene objective picks (`losses.masked_gene_count`)."""
     lengths = batch["cell_mask"].sum(1).tolist()
     shapes = StepShapes(cell_lengths=lengths, cell_views=2 if weights.cell_cell else 1,
-                        masked_tokens=round(mask_prob * sum(lengths)) if weights.mlm else 0)
+                        masked_tokens=n_masked if weights.mlm else 0)
     if stage == 2 and (weights.cell_text or weights.ctm):
         text_lengths = batch["text_mask"].sum(1).tolist()
         shapes.text_lengths = text_lengths

@@ -92,21 +92,36 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def mask_genes(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_prob: float, vocab_size: int,
-               cls_id: int, mask_id: int = 1, first_gene_id: int = 2):
-    """BERT masking of gene tokens: pick `mask_prob` of them; 80% -> <mask>, 10% -> a random
-    gene, 10% unchanged. `<cls>`, `<pad>` and `<mask>` are never picked. Uses the global RNG."""
-    is_gene = attention_mask.bool() & (input_ids >= first_gene_id) & (input_ids != cls_id)
-    picked = is_gene & (torch.rand(input_ids.shape, device=input_ids.device) < mask_prob)
-    labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE))
-    roll = torch.rand(input_ids.shape, device=input_ids.device)
-    masked = input_ids.clone()
-    masked[picked & (roll < 0.8)] = mask_id
-    to_random = picked & (roll >= 0.8) & (roll < 0.9)
-    # Random replacements are drawn from gene tokens only (ids 2 .. cls_id-1).
-    random_genes = torch.randint(first_gene_id, cls_id, input_ids.shape, device=input_ids.device)
-    masked[to_random] = random_genes[to_random]
-    return masked, labels
+def gene_positions(input_ids: torch.Tensor, cls_id: int, first_gene_id: int = 2) -> torch.Tensor:
+    """[B, L] bool: the tokens masking may pick (genes; never `<cls>`, `<pad>` or `<mask>`)."""
+    return (input_ids >= first_gene_id) & (input_ids != cls_id)
+
+
+def masked_gene_count(input_ids: torch.Tensor, mask_prob: float, cls_id: int) -> int:
+    """How many genes of a batch the masked-gene objective picks: `mask_prob` of its genes.
+    Counted where the batch is built (on the host), so the device never has to report a count."""
+    return round(mask_prob * int(gene_positions(input_ids, cls_id).sum()))
+
+
+def mask_genes(input_ids: torch.Tensor, n_masked: int, cls_id: int, mask_id: int = 1,
+               first_gene_id: int = 2):
+    """BERT masking of exactly `n_masked` gene tokens drawn uniformly without replacement over
+    the batch: 80% -> <mask>, 10% -> a random gene, 10% unchanged. Uses the global RNG.
+
+    A fixed count (rather than a coin per token) gives every tensor a shape known on the host:
+    no step waits for the device to say how many tokens it picked.
+    Returns (masked ids [B, L], picked flat positions [n_masked], their true ids [n_masked])."""
+    flat = input_ids.reshape(-1)
+    genes = gene_positions(flat, cls_id, first_gene_id)
+    # Random scores, non-genes below every gene: the top n_masked scores are a uniform sample of genes.
+    scores = torch.rand(flat.shape, device=flat.device).masked_fill(~genes, -1.0)
+    positions = scores.topk(n_masked, sorted=False).indices
+    labels = flat[positions]
+    roll = torch.rand(n_masked, device=flat.device)
+    random_genes = torch.randint(first_gene_id, cls_id, (n_masked,), device=flat.device)
+    replaced = torch.where(roll < 0.8, torch.full_like(labels, mask_id), torch.where(roll < 0.9, random_genes, labels))
+    masked = flat.scatter(0, positions, replaced).view_as(input_ids)
+    return masked, positions, labels
 
 
 def truth_matrix(text_codes: torch.Tensor, text_aspects: torch.Tensor, text_valid: torch.Tensor,
@@ -166,12 +181,13 @@ def cell_cell_contrastive(z1: torch.Tensor, z2: torch.Tensor, temperature: float
                   + F.cross_entropy(z2 @ all_z1.t() / temperature, labels))
 
 
-def mlm_loss(mlm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    picked = labels != IGNORE
-    if not bool(picked.any()):
+def mlm_loss(mlm_head, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the masked-gene head at the picked flat `positions` of `hidden` [B, L, H]."""
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    if len(positions) == 0:
         # Keep the graph connected (ZeRO needs every rank to backward through the head).
-        return hidden.sum() * 0.0 + sum(p.sum() for p in mlm_head.parameters()) * 0.0
-    return F.cross_entropy(mlm_head(hidden[picked]), labels[picked])
+        return mlm_head(hidden[:, :1]).sum() * 0.0
+    return F.cross_entropy(mlm_head(picked), labels)
 
 
 def sample_hard_negatives(sim: torch.Tensor, candidates: torch.Tensor, logit_scale: torch.Tensor):
@@ -180,36 +196,40 @@ def sample_hard_negatives(sim: torch.Tensor, candidates: torch.Tensor, logit_sca
     Returns (index [R], valid [R]); rows without any candidate are not valid."""
     valid = candidates.any(dim=1)
     logits = (sim.float() * logit_scale.float()).masked_fill(~candidates, float("-inf"))
-    logits[~valid] = 0.0
+    logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
     return torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1), valid
 
 
-def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_index, has_text, true,
+def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_index, text_rows, true,
                        sim_c2t, logit_scale):
     """Binary matching loss over the batch's (cell, own text) pairs, one hard negative text per
     cell and one hard negative cell per text (BLIP's 1:2), drawn from the local batch.
 
     `true` [B, B] is the truth matrix of the local texts (rows) and cells (columns); text row b
-    is `text_ids[text_index[b]]`. Only cells with identity text take part."""
+    is `text_ids[text_index[b]]`. Only the cells `text_rows` (those with identity text, listed
+    on the host) take part. Every cell with text gets both negatives; one without any candidate
+    (every text of the batch is true of it) weighs zero, so shapes never depend on the device."""
+    has_text = torch.zeros(len(true), dtype=torch.bool, device=true.device).index_fill(0, text_rows, True)
+    if len(text_rows) == 0:
+        # No cell with text: one pair weighted zero, so every rank backpropagates through the
+        # same parameters (ZeRO needs it).
+        logits = model.match_logits(cell_hidden[:1], cell_mask[:1], text_ids[:1], text_mask[:1])
+        return logits.sum() * 0.0
     with torch.no_grad():
         neg_text, valid_c = sample_hard_negatives(sim_c2t, ~true.t() & has_text[None, :], logit_scale)
         neg_cell, valid_t = sample_hard_negatives(sim_c2t.t(), ~true & has_text[None, :], logit_scale)
-        valid_c &= has_text
-        valid_t &= has_text
-        own = has_text.nonzero().squeeze(1)
-        c_rows = valid_c.nonzero().squeeze(1)
-        t_rows = valid_t.nonzero().squeeze(1)
-        cells = torch.cat([own, c_rows, neg_cell[t_rows]])
-        texts = text_index[torch.cat([own, neg_text[c_rows], t_rows])]
-        labels = torch.zeros(len(cells), dtype=torch.long, device=cell_hidden.device)
-        labels[: len(own)] = 1
-        # Without a negative the head would only learn to say "match": such a batch counts zero,
-        # but still runs one pair so that every rank backpropagates through the same parameters.
-        counts = len(c_rows) + len(t_rows) > 0
-        if not counts:
-            cells, texts, labels = cells[:0].new_zeros(1), texts[:0].new_zeros(1), labels[:0].new_zeros(1)
+        cells = torch.cat([text_rows, text_rows, neg_cell[text_rows]])
+        texts = text_index[torch.cat([text_rows, neg_text[text_rows], text_rows])]
+        n = len(text_rows)
+        labels = torch.zeros(3 * n, dtype=torch.long, device=cell_hidden.device)
+        labels[:n] = 1
+        weights = torch.cat([torch.ones(n, device=cell_hidden.device), valid_c[text_rows].float(),
+                             valid_t[text_rows].float()])
+        # Without any negative the head would only learn to say "match": such a batch counts zero.
+        weights = weights * (weights[n:].sum() > 0)
     logits = model.match_logits(cell_hidden[cells], cell_mask[cells], text_ids[texts], text_mask[texts])
-    return F.cross_entropy(logits, labels) * float(counts)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def encode_cell_views(model, ids, mask, views: int):
@@ -218,15 +238,19 @@ def encode_cell_views(model, ids, mask, views: int):
     return hidden.chunk(views)
 
 
-def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
-                    simcse_temperature: float) -> tuple[torch.Tensor, dict]:
+def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
+                    n_masked: int | None = None) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the stage's objectives and each objective's detached value (on the
     device: reading it is the caller's choice, since it waits for the device).
 
-    An objective with weight 0 is not computed at all (no forward, no cost)."""
+    `n_masked` (genes to mask, `masked_gene_count` of the batch on the host) and the batch's
+    `text_rows` are what would otherwise make the step wait for the device; the trainer passes
+    both, tests may leave them out. An objective with weight 0 is not computed at all."""
     ids, mask = batch["cell_ids"], batch["cell_mask"]
     vocab = model.cell_bert.config.vocab_size
-    masked, labels = mask_genes(ids, mask, mask_prob, vocab, cls_id=vocab - 1)
+    if n_masked is None:
+        n_masked = masked_gene_count(ids, mask_prob, cls_id=vocab - 1)
+    masked, positions, labels = mask_genes(ids, n_masked, cls_id=vocab - 1)
     # The SimCSE views are two dropout passes over the same masked cells (the masking doubles as
     # augmentation, so no third, unmasked pass is needed); both run as one batch.
     views = encode_cell_views(model, masked, mask, 2 if weights.cell_cell else 1)
@@ -234,7 +258,7 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
     z1 = F.normalize(model.cell_proj(model.pool_cells(h1, mask)), dim=-1)
     parts = {}
     if weights.mlm:
-        parts["mlm"] = sum(mlm_loss(model.mlm_head, h, labels) for h in views) / len(views)
+        parts["mlm"] = sum(mlm_loss(model.mlm_head, h, positions, labels) for h in views) / len(views)
     if weights.cell_cell:
         z2 = F.normalize(model.cell_proj(model.pool_cells(views[1], mask)), dim=-1)
         parts["cell_cell"] = cell_cell_contrastive(z1, z2, simcse_temperature)
@@ -247,7 +271,8 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float,
             parts["cell_text"] = cell_text_contrastive(z1, text_emb, codes, aspects, has_text, scale)
         if weights.ctm:
             true = truth_matrix(codes, aspects, has_text, codes, has_text)
+            rows = batch["text_rows"] if "text_rows" in batch else has_text.nonzero().squeeze(1)
             parts["ctm"] = cell_text_matching(model, h1, mask, batch["text_ids"], batch["text_mask"], index,
-                                              has_text, true, (z1 @ text_emb.t()).detach(), scale.detach())
+                                              rows, true, (z1 @ text_emb.t()).detach(), scale.detach())
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

@@ -379,7 +379,8 @@ class LangCellPretrainModel(LangCellModel):
         if self.text_bert is not None:
             self.text_bert.gradient_checkpointing = True
 
-    def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float):
+    def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
+                n_masked: int | None = None):
         from langcell.pretrain.losses import pretrain_losses
-        return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature)
+        return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature, n_masked)
 

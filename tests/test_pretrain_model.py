@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from langcell.pretrain.config import ModelConfig, load_model_config
 from langcell.pretrain.export import load_langcell, save_langcell
-from langcell.pretrain.losses import mask_genes
-from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer, resolve_text_model_path
+from langcell.pretrain.losses import mask_genes, masked_gene_count, mlm_loss
+from langcell.pretrain.model import LangCellPretrainModel, MLMHead, load_text_tokenizer, resolve_text_model_path
 from langcell.core.config import from_dict
 from langcell.core.errors import LangCellError
 from tests.pretrain_helpers import MODEL, VOCAB
@@ -118,20 +119,38 @@ def test_mask_genes_is_bert_style_and_spares_cls_and_pad():
     vocab, cls = 1000, 999
     ids = torch.randint(2, cls, (64, 200))
     ids[:, 0] = cls
-    mask = torch.ones_like(ids)
     ids[:, 150:] = 0
-    mask[:, 150:] = 0
-    masked, labels = mask_genes(ids, mask, 0.15, vocab, cls_id=cls)
-    picked = labels != -100
     genes = 64 * 149
-    assert abs(picked.sum().item() / genes - 0.15) < 0.01
+    n = masked_gene_count(ids, 0.15, cls_id=cls)
+    assert n == round(0.15 * genes)
+    masked, positions, labels = mask_genes(ids, n, cls_id=cls)
+    picked = torch.zeros(ids.numel(), dtype=torch.bool)
+    picked[positions] = True
+    picked = picked.view_as(ids)
+    # Exactly n distinct genes, never <cls> or padding, and the labels are their true ids.
+    assert picked.sum().item() == n == len(positions)
     assert not picked[:, 0].any() and not picked[:, 150:].any()
-    assert torch.equal(labels[picked], ids[picked])
+    assert torch.equal(labels, ids.reshape(-1)[positions])
     to_mask = (masked[picked] == 1).float().mean().item()
     unchanged = (masked[picked] == ids[picked]).float().mean().item()
     assert abs(to_mask - 0.8) < 0.03 and abs(unchanged - 0.1 - 0.001) < 0.03
     assert torch.equal(masked[~picked], ids[~picked])
     assert ((masked[picked] >= 2) & (masked[picked] < cls) | (masked[picked] == 1)).all()
+    # Uniform over genes: every column of genes is picked about equally often.
+    per_column = picked[:, 1:150].float().mean(0)
+    assert per_column.std().item() < 0.05
+
+
+def test_masked_gene_loss_equals_a_loop_reference():
+    """The head scores exactly the picked positions: compared with a per-token loop."""
+    torch.manual_seed(1)
+    head = MLMHead(8, 50, "relu", 1e-12)
+    hidden = torch.randn(3, 7, 8)
+    positions = torch.tensor([2, 9, 20])
+    labels = torch.tensor([5, 6, 7])
+    ref = sum(F.cross_entropy(head(hidden[p // 7, p % 7])[None], labels[i:i + 1])
+              for i, p in enumerate(positions.tolist())) / 3
+    assert abs(mlm_loss(head, hidden, positions, labels).item() - ref.item()) < 1e-6
 
 
 def test_missing_text_model_is_one_line_error():

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from langcell.pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
 from langcell.pretrain.data import ASPECT_ORDER, choose_text, term_codes
-from langcell.pretrain.losses import (cell_text_contrastive, pretrain_losses, sample_hard_negatives, truth_matrix)
+from langcell.pretrain.losses import (cell_text_contrastive, masked_gene_count, pretrain_losses, sample_hard_negatives,
+                                      truth_matrix)
 from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
 from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL, VOCAB
@@ -300,3 +301,33 @@ def test_matching_head_learns_to_tell_true_descriptions_on_separable_types(tmp_p
     prior = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
     assert abs(np.mean(losses[:25]) - prior) < 0.1
     assert np.mean(losses[-40:]) < prior - 0.1
+
+
+def test_a_training_step_never_reads_a_tensor_on_the_host(monkeypatch):
+    """With the counts the trainer gives it (genes to mask, rows with text), the project's
+    objectives never turn a tensor into a Python value in forward or backward: on a GPU each such
+    read would make the step wait for the device. (transformers' BertModel still checks once per
+    cell-encoder pass whether the padding mask is all ones; that read is its own.)"""
+    import traceback
+
+    model = _model()
+    cells = CELLS + [({}, {})]
+    batch = _batch(model, cells, CHOSEN + [[]], [True, True, False, True, True, False])
+    batch["text_rows"] = batch["has_text"].nonzero().squeeze(1)
+    n_masked = masked_gene_count(batch["cell_ids"], 0.15, cls_id=VOCAB - 1)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **kw):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            if "site-packages" not in caller:
+                reads.append((_name, caller))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    torch.manual_seed(0)
+    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05, n_masked=n_masked)
+    total.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert set(parts) == {"mlm", "cell_cell", "cell_text", "ctm"} and torch.isfinite(total)

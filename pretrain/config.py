@@ -160,6 +160,10 @@ class PretrainConfig:
     grad_clip: float = 1.0
     mask_prob: float = 0.15
     simcse_temperature: float = 0.05
+    # Share of matching negatives drawn uniformly among a batch's false descriptions instead of
+    # BLIP's softmax(similarity x logit scale) (0 = BLIP, LangCell's recipe). Hard negatives alone
+    # never show the head the easy pairs, yet zero-shot scoring asks it about every class.
+    ctm_uniform_negatives: float = 0.0
     deepspeed_config: str = "zero2.json"
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
@@ -200,6 +204,9 @@ def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None
     cfg = from_dict(PretrainConfig, data, str(path))
     if not 0 <= cfg.seed < 2**63:
         raise LangCellError(f"{path}: seed {cfg.seed} is out of range; use an integer from 0 to 2**63 - 1")
+    if not 0.0 <= cfg.ctm_uniform_negatives <= 1.0:
+        raise LangCellError(f"{path}: ctm_uniform_negatives is {cfg.ctm_uniform_negatives}; it is a share, "
+                            "set it between 0 and 1")
     if cfg.grad_accum_steps < 1 or cfg.micro_batch_size < 2:
         raise LangCellError(f"{path}: micro_batch_size must be >= 2 (contrastive needs negatives) and "
                             "grad_accum_steps >= 1; fix the values")

@@ -354,7 +354,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
-                                 simcse_temperature=cfg.simcse_temperature, n_masked=n_masked)
+                                 simcse_temperature=cfg.simcse_temperature, n_masked=n_masked,
+                                 ctm_uniform_negatives=cfg.ctm_uniform_negatives)
             engine.backward(loss)
             engine.step()
             parts["loss"] = loss.detach()

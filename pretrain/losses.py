@@ -190,18 +190,24 @@ def mlm_loss(mlm_head, hidden: torch.Tensor, positions: torch.Tensor, labels: to
     return F.cross_entropy(mlm_head(picked), labels)
 
 
-def sample_hard_negatives(sim: torch.Tensor, candidates: torch.Tensor, logit_scale: torch.Tensor):
+def sample_hard_negatives(sim: torch.Tensor, candidates: torch.Tensor, logit_scale: torch.Tensor,
+                          uniform: float = 0.0):
     """BLIP's hard negatives: for each row of `sim` [R, N] draw one column among its `candidates`
-    (never a true match) with probability softmax(sim * logit_scale) over those candidates.
+    (never a true match) with probability softmax(sim * logit_scale) over those candidates, mixed
+    with a `uniform` share of the uniform distribution over them.
     Returns (index [R], valid [R]); rows without any candidate are not valid."""
     valid = candidates.any(dim=1)
     logits = (sim.float() * logit_scale.float()).masked_fill(~candidates, float("-inf"))
     logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
-    return torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1), valid
+    probs = F.softmax(logits, dim=1)
+    if uniform:
+        flat = candidates.float() / candidates.sum(1, keepdim=True).clamp(min=1)
+        probs = (1 - uniform) * probs + uniform * torch.where(valid[:, None], flat, probs)
+    return torch.multinomial(probs, 1).squeeze(1), valid
 
 
 def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_index, text_rows, true,
-                       sim_c2t, logit_scale):
+                       sim_c2t, logit_scale, uniform_negatives: float = 0.0):
     """Binary matching loss over the batch's (cell, own text) pairs, one hard negative text per
     cell and one hard negative cell per text (BLIP's 1:2), drawn from the local batch.
 
@@ -216,8 +222,10 @@ def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_
         logits = model.match_logits(cell_hidden[:1], cell_mask[:1], text_ids[:1], text_mask[:1])
         return logits.sum() * 0.0
     with torch.no_grad():
-        neg_text, valid_c = sample_hard_negatives(sim_c2t, ~true.t() & has_text[None, :], logit_scale)
-        neg_cell, valid_t = sample_hard_negatives(sim_c2t.t(), ~true & has_text[None, :], logit_scale)
+        neg_text, valid_c = sample_hard_negatives(sim_c2t, ~true.t() & has_text[None, :], logit_scale,
+                                                  uniform_negatives)
+        neg_cell, valid_t = sample_hard_negatives(sim_c2t.t(), ~true & has_text[None, :], logit_scale,
+                                                  uniform_negatives)
         cells = torch.cat([text_rows, text_rows, neg_cell[text_rows]])
         texts = text_index[torch.cat([text_rows, neg_text[text_rows], text_rows])]
         n = len(text_rows)
@@ -239,7 +247,7 @@ def encode_cell_views(model, ids, mask, views: int):
 
 
 def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
-                    n_masked: int | None = None) -> tuple[torch.Tensor, dict]:
+                    n_masked: int | None = None, ctm_uniform_negatives: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the stage's objectives and each objective's detached value (on the
     device: reading it is the caller's choice, since it waits for the device).
 
@@ -273,6 +281,7 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
             true = truth_matrix(codes, aspects, has_text, codes, has_text)
             rows = batch["text_rows"] if "text_rows" in batch else has_text.nonzero().squeeze(1)
             parts["ctm"] = cell_text_matching(model, h1, mask, batch["text_ids"], batch["text_mask"], index,
-                                              rows, true, (z1 @ text_emb.t()).detach(), scale.detach())
+                                              rows, true, (z1 @ text_emb.t()).detach(), scale.detach(),
+                                              ctm_uniform_negatives)
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

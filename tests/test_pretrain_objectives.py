@@ -160,6 +160,12 @@ def test_hard_negatives_are_hard_and_never_true():
     # Every candidate excluded: the row is flagged invalid.
     _, valid = sample_hard_negatives(sim[:2], torch.zeros(2, 16, dtype=torch.bool), torch.tensor(INIT_SCALE))
     assert not valid.any()
+    # A uniform share of 0.5: half the draws spread over the 14 easy candidates, still never the true one.
+    mixed = torch.stack([sample_hard_negatives(sim, candidates, torch.tensor(INIT_SCALE), uniform=0.5)[0]
+                         for _ in range(2000)])
+    assert (mixed != torch.arange(16)).all()
+    easy = ((mixed[:, 0] != 5).float().mean().item())
+    assert abs(easy - 0.5 * 14 / 15) < 0.04
 
 
 def _model():

@@ -153,8 +153,14 @@ class UserAnnData:
 
     @property
     def n_counts(self) -> np.ndarray | None:
-        """obs['n_counts'] when present (totals over all genes of the original data), else None."""
-        return self.obs["n_counts"].to_numpy(np.float64) if "n_counts" in self.obs.columns else None
+        """obs['n_counts'] when present (totals over all genes of the original data), else None.
+
+        A float column keeps its dtype: Geneformer divides the counts by it as stored, so float32
+        counts over float32 totals round in float32, and the tokens follow that rounding."""
+        if "n_counts" not in self.obs.columns:
+            return None
+        totals = self.obs["n_counts"].to_numpy()
+        return totals if totals.dtype.kind == "f" else totals.astype(np.float64)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Raw counts of cells start..stop as CSR, checked."""

@@ -4,6 +4,7 @@ import anndata
 import datasets
 import numpy as np
 import pandas as pd
+import pytest
 
 from langcell.build_sclibrary.anndata_io import tokenize_anndata
 from langcell.build_sclibrary.tokenizer import RankValueTokenizer
@@ -81,3 +82,30 @@ def test_every_vocabulary_id_form_is_matched():
     match = match_genes(pd.DataFrame(index=names), medians, "x.h5ad")
     assert len(par) > 0 and match.kind == "ensembl"
     assert match.gene_ids[:len(par) + 20] == par + plain and match.n_matched == len(par) + 20
+
+
+@pytest.mark.parametrize("totals_dtype", [np.float32, np.float64, np.int64])
+def test_obs_n_counts_divide_in_their_stored_dtype(tmp_path, totals_dtype):
+    """float32 counts over float32 totals round in float32, as Geneformer's expression does; the
+    values are built to tie in exact arithmetic, so float32 and float64 order some cells apart."""
+    from scipy import sparse as sp
+
+    from tests.build_helpers import reference_tokens
+
+    rng = np.random.default_rng(5)
+    genes = [f"ENSG{i:011d}" for i in range(90)]
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}, "<cls>": 92}
+    medians = {g: float((1, 3, 7)[i % 3]) for i, g in enumerate(genes)}
+    factor = np.array([(1, 3, 7)[i % 3] for i in range(90)])
+    counts = (rng.integers(1, 6, (300, 90)) * factor * (rng.random((300, 90)) < 0.5)).astype(np.float32)
+    n_counts = (counts.sum(axis=1) + rng.integers(0, 10_000, 300)).astype(totals_dtype)
+    path = tmp_path / "cells.h5ad"
+    anndata.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(300)]),
+                    var=pd.DataFrame(index=genes)).write_h5ad(path)
+    got = tokenize_anndata(path, RankValueTokenizer(tokens, medians), out_dir=tmp_path / "ds", chunk_size=64)["input_ids"]
+    expected = [reference_tokens(genes, counts[i], n_counts[i], tokens, medians, 2048) for i in range(300)]
+    assert all(np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(got, expected))
+    in_float64 = [reference_tokens(genes, counts[i].astype(np.float64), np.float64(n_counts[i]), tokens, medians, 2048)
+                  for i in range(300)]
+    changed = sum(not np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(got, in_float64))
+    assert (changed > 0) == (totals_dtype == np.float32)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from langcell.build_sclibrary import rank_kernels
 from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def match_genes(var, vocabulary, source: str, min_share: float = 0.0, gene_colum
 def check_counts(X: sp.csr_matrix, source: str, where: str, first_row: int = 0) -> None:
     """Refuse values raw counts cannot have, naming the first offending cell."""
     data = X.data
-    if not data.size:
+    if not data.size or (data.dtype in (np.float32, np.float64) and rank_kernels.counts_ok(data)):
         return
     for bad, what in ((~np.isfinite(data), "NaN or infinite values"), (data < 0, "negative values"),
                       (data != np.round(data), "non-integer values")):

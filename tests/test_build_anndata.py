@@ -109,3 +109,22 @@ def test_obs_n_counts_divide_in_their_stored_dtype(tmp_path, totals_dtype):
                   for i in range(300)]
     changed = sum(not np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(got, in_float64))
     assert (changed > 0) == (totals_dtype == np.float32)
+
+
+def test_a_bad_chunk_read_ahead_fails_the_run_and_leaves_nothing(tmp_path):
+    """Chunks are read and checked on a thread ahead of the tokenizer: a bad one past the rows
+    checked on opening still fails the run with its row, and no output folder is left."""
+    from scipy import sparse as sp
+
+    from langcell.build_sclibrary.user_anndata import SAMPLE_ROWS
+    from langcell.core.errors import LangCellError
+
+    tokens, medians = geneformer_v1_vocab()
+    genes = sorted(medians)[:40]
+    counts = np.random.default_rng(0).poisson(1.0, (SAMPLE_ROWS + 300, 40)).astype(np.float32)
+    counts[SAMPLE_ROWS + 250, 3] = 0.5
+    path = tmp_path / "late.h5ad"
+    anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=genes)).write_h5ad(path)
+    with pytest.raises(LangCellError, match=rf"X has non-integer values \(e.g. 0.5 in row {SAMPLE_ROWS + 250}\)"):
+        tokenize_anndata(path, RankValueTokenizer(tokens, medians), out_dir=tmp_path / "ds", chunk_size=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.h5ad"]

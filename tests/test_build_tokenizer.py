@@ -152,6 +152,9 @@ def test_vocab_medians_mismatch_and_missing_cls_are_refused():
         RankValueTokenizer(no_cls, medians)
     tok = RankValueTokenizer(tokens, medians)
     assert tok.tokenize_csr(sp.csr_matrix((0, 2)), ["ENSG00000000003", "x"]) == []
+    # Counts on genes none of which is in the vocabulary: every cell is just <cls>.
+    no_vocab = tok.tokenize_csr(sp.csr_matrix(np.ones((3, 2), np.float32)), ["x", "y"])
+    assert [t.tolist() for t in no_vocab] == [[tokens["<cls>"]]] * 3
     with pytest.raises(LangCellError, match="gene ids"):
         tok.tokenize_csr(sp.csr_matrix((2, 3)), ["a", "b"])
 

@@ -198,7 +198,9 @@ def _read_h5ad(path: Path, source: str, layer: str | None) -> UserAnnData:
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
-    h5 = h5py.File(path, "r")
+    # No chunk cache: rows are read once, in order, so caching a chunk only added a copy of every
+    # chunk (anndata writes chunked datasets) from the cache into the result: a third of the read.
+    h5 = h5py.File(path, "r", rdcc_nbytes=0)
     try:
         layers = list(h5["layers"].keys()) if "layers" in h5 else []
         key = _counts_key(layers, layer, source)

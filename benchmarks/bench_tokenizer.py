@@ -8,7 +8,7 @@ as `langcell-dense`, or the benchmark fails.
 Whole process, what a user waits for (timed from spawn to exit: interpreter start, imports,
 reading, tokenizing, writing; CPU time and peak RSS from `wait4` on the process, spawned from a
 small launcher, since Linux carries a parent's peak into its child's `ru_maxrss`). Each case runs
-`--process-repeats` (3) times, interleaved with the others so that all meet the same changes of
+`--process-repeats` (5) times, interleaved with the others so that all meet the same changes of
 load on a shared machine, and its fastest run counts:
 - `process-langcell-dense`: `python -m benchmarks.langcell_reference_tokenizer IN OUT`, LangCell's
   tokenizer as its README runs it (read the whole h5ad, dense tokenize, `Dataset.from_dict` +
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-cells", type=int, default=1_000_000, help="cells of the long streaming case")
     parser.add_argument("--process-cells", type=int, default=200_000,
                         help="cells of the file `langcell tokenize` runs on as a whole process (0: skip)")
-    parser.add_argument("--process-repeats", type=int, default=3, help="runs of each whole-process case (best counts)")
+    parser.add_argument("--process-repeats", type=int, default=5, help="runs of each whole-process case (best counts)")
     parser.add_argument("--build-cells", type=int, default=100_000, help="cells of the end-to-end build (0: skip)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--case", help=argparse.SUPPRESS)

@@ -38,9 +38,10 @@ def tokenize_anndata(path_or_adata, tokenizer: RankValueTokenizer, out_dir: str 
 
     With `out_dir` the dataset is saved there (`load_from_disk` reads it) and returned memory-mapped,
     or with `load=False` not opened (None is returned, and `datasets` is never imported: a third of
-    a second, which `langcell tokenize` saves); otherwise it is built in memory. `n_counts` comes from obs when present, else the row sums of
-    all genes. Cells with no expressed vocabulary gene get just `<cls>` (length 1). A `report`
-    dict receives the gene match (n_genes, n_matched, share, matched_by) and cell counts.
+    a second, which `langcell tokenize` saves); otherwise it is built in memory. `n_counts` comes
+    from obs when present, else the row sums of all genes. Cells with no expressed vocabulary gene
+    get just `<cls>` (length 1). A `report` dict receives the gene match (n_genes, n_matched,
+    share, matched_by) and cell counts.
     """
     user = open_user_anndata(path_or_adata, tokenizer.gene_medians, layer=layer, gene_column=gene_column,
                              min_gene_match=min_gene_match)

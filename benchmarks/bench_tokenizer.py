@@ -250,7 +250,8 @@ def _process_cases(tmp: Path, small: Path, big: Path | None, n_small: int, repea
         best = min(runs[case], key=lambda t: t["seconds"])
         digest = digests[case]
         results.append({"case": case, "cells": digest["cells"], "tokens": digest["tokens"],
-                        "seconds": round(best["seconds"], 2), "cells_per_s": round(digest["cells"] / best["seconds"], 1),
+                        "seconds": round(best["seconds"], 2),
+                        "cells_per_s": round(digest["cells"] / best["seconds"], 1),
                         "cpu_seconds": round(best["cpu_seconds"], 2),
                         "peak_rss_mb": round(max(t["peak_rss_mb"] for t in runs[case]), 1),
                         "all_seconds": [round(t["seconds"], 1) for t in runs[case]], "sha256": digest["sha256"],
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({min(speedups):.1f}x..{max(speedups):.1f}x); peak RSS < 1.5 GB: "
               f"{'met' if peak < 1536 else 'NOT met'} ({peak:,.0f} MB); RSS from {args.cells:,} to "
               f"{by['ours-stream-1m']['cells']:,} cells: {flat:+.1f} MB. Load average before the run: "
-              f"{load:.1f} (shared machine; both tokenizers ran under the same load)."]
+              f"{load:.1f} (shared machine: these cases ran once each, one after another, so other jobs' load "
+              "moves their ratios; the whole-process cases below are interleaved, best of several)."]
     lines += _process_lines(processes, args, process_load)
     if builds:
         lines += ["", f"End to end: `langcell build` of a {args.build_cells:,}-cell synthetic ingest (synth-census "

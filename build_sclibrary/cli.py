@@ -87,10 +87,10 @@ def _tokenize(args: argparse.Namespace) -> int:
     from langcell.build_sclibrary.anndata_io import tokenize
 
     report: dict = {}
-    dataset = tokenize(args.input, args.vocab, max_length=args.max_length, threads=args.threads, out_dir=args.out,
-                       chunk_size=args.chunk_size, layer=args.layer, gene_column=args.gene_column,
-                       min_gene_match=args.min_gene_match, progress=True, report=report)
+    tokenize(args.input, args.vocab, max_length=args.max_length, threads=args.threads, out_dir=args.out,
+             chunk_size=args.chunk_size, layer=args.layer, gene_column=args.gene_column,
+             min_gene_match=args.min_gene_match, progress=True, report=report, load=False)
     print(f"{report['n_matched']:,} of {report['n_genes']:,} genes ({100 * report['share']:.1f}%, by "
-          f"{report['matched_by']}) are in the vocabulary; {dataset.num_rows:,} cells tokenized to {args.out} "
+          f"{report['matched_by']}) are in the vocabulary; {report['n_cells_kept']:,} cells tokenized to {args.out} "
           f"(n_counts from {report['n_counts_from']})")
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from langcell.build_sclibrary import rank_kernels
 from langcell.core.errors import LangCellError
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def match_genes(var, vocabulary, source: str, min_share: float = 0.0, gene_colum
 def check_counts(X: sp.csr_matrix, source: str, where: str, first_row: int = 0) -> None:
     """Refuse values raw counts cannot have, naming the first offending cell."""
     data = X.data
-    if not data.size:
+    if not data.size or (data.dtype in (np.float32, np.float64) and rank_kernels.counts_ok(data)):
         return
     for bad, what in ((~np.isfinite(data), "NaN or infinite values"), (data < 0, "negative values"),
                       (data != np.round(data), "non-integer values")):
@@ -153,8 +154,14 @@ class UserAnnData:
 
     @property
     def n_counts(self) -> np.ndarray | None:
-        """obs['n_counts'] when present (totals over all genes of the original data), else None."""
-        return self.obs["n_counts"].to_numpy(np.float64) if "n_counts" in self.obs.columns else None
+        """obs['n_counts'] when present (totals over all genes of the original data), else None.
+
+        A float column keeps its dtype: Geneformer divides the counts by it as stored, so float32
+        counts over float32 totals round in float32, and the tokens follow that rounding."""
+        if "n_counts" not in self.obs.columns:
+            return None
+        totals = self.obs["n_counts"].to_numpy()
+        return totals if totals.dtype.kind == "f" else totals.astype(np.float64)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Raw counts of cells start..stop as CSR, checked."""
@@ -191,7 +198,9 @@ def _read_h5ad(path: Path, source: str, layer: str | None) -> UserAnnData:
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
-    h5 = h5py.File(path, "r")
+    # No chunk cache: rows are read once, in order, so caching a chunk only added a copy of every
+    # chunk (anndata writes chunked datasets) from the cache into the result: a third of the read.
+    h5 = h5py.File(path, "r", rdcc_nbytes=0)
     try:
         layers = list(h5["layers"].keys()) if "layers" in h5 else []
         key = _counts_key(layers, layer, source)

@@ -4,6 +4,7 @@ import anndata
 import datasets
 import numpy as np
 import pandas as pd
+import pytest
 
 from langcell.build_sclibrary.anndata_io import tokenize_anndata
 from langcell.build_sclibrary.tokenizer import RankValueTokenizer
@@ -81,3 +82,71 @@ def test_every_vocabulary_id_form_is_matched():
     match = match_genes(pd.DataFrame(index=names), medians, "x.h5ad")
     assert len(par) > 0 and match.kind == "ensembl"
     assert match.gene_ids[:len(par) + 20] == par + plain and match.n_matched == len(par) + 20
+
+
+@pytest.mark.parametrize("totals_dtype", [np.float32, np.float64, np.int64])
+def test_obs_n_counts_divide_in_their_stored_dtype(tmp_path, totals_dtype):
+    """float32 counts over float32 totals round in float32, as Geneformer's expression does; the
+    values are built to tie in exact arithmetic, so float32 and float64 order some cells apart."""
+    from scipy import sparse as sp
+
+    from tests.build_helpers import reference_tokens
+
+    rng = np.random.default_rng(5)
+    genes = [f"ENSG{i:011d}" for i in range(90)]
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}, "<cls>": 92}
+    medians = {g: float((1, 3, 7)[i % 3]) for i, g in enumerate(genes)}
+    factor = np.array([(1, 3, 7)[i % 3] for i in range(90)])
+    counts = (rng.integers(1, 6, (300, 90)) * factor * (rng.random((300, 90)) < 0.5)).astype(np.float32)
+    n_counts = (counts.sum(axis=1) + rng.integers(0, 10_000, 300)).astype(totals_dtype)
+    path = tmp_path / "cells.h5ad"
+    anndata.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(300)]),
+                    var=pd.DataFrame(index=genes)).write_h5ad(path)
+    got = tokenize_anndata(path, RankValueTokenizer(tokens, medians), out_dir=tmp_path / "ds", chunk_size=64)["input_ids"]
+    expected = [reference_tokens(genes, counts[i], n_counts[i], tokens, medians, 2048) for i in range(300)]
+    assert all(np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(got, expected))
+    in_float64 = [reference_tokens(genes, counts[i].astype(np.float64), np.float64(n_counts[i]), tokens, medians, 2048)
+                  for i in range(300)]
+    changed = sum(not np.array_equal(np.asarray(a, np.int32), b) for a, b in zip(got, in_float64))
+    assert (changed > 0) == (totals_dtype == np.float32)
+
+
+def test_a_bad_chunk_read_ahead_fails_the_run_and_leaves_nothing(tmp_path):
+    """Chunks are read and checked on a thread ahead of the tokenizer: a bad one past the rows
+    checked on opening still fails the run with its row, and no output folder is left."""
+    from scipy import sparse as sp
+
+    from langcell.build_sclibrary.user_anndata import SAMPLE_ROWS
+    from langcell.core.errors import LangCellError
+
+    tokens, medians = geneformer_v1_vocab()
+    genes = sorted(medians)[:40]
+    counts = np.random.default_rng(0).poisson(1.0, (SAMPLE_ROWS + 300, 40)).astype(np.float32)
+    counts[SAMPLE_ROWS + 250, 3] = 0.5
+    path = tmp_path / "late.h5ad"
+    anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=genes)).write_h5ad(path)
+    with pytest.raises(LangCellError, match=rf"X has non-integer values \(e.g. 0.5 in row {SAMPLE_ROWS + 250}\)"):
+        tokenize_anndata(path, RankValueTokenizer(tokens, medians), out_dir=tmp_path / "ds", chunk_size=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.h5ad"]
+
+
+def test_langcell_tokenize_never_imports_datasets(tmp_path):
+    """The command writes its folder and never opens it, so it loads no `datasets` (a third of a
+    second of every run); the folder still opens with `load_from_disk`, features and all."""
+    import subprocess
+    import sys
+
+    tokens, medians = geneformer_v1_vocab()
+    genes = sorted(medians)[:40]
+    counts = np.random.default_rng(1).poisson(1.0, (50, 40)).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["a", "b"] * 25)}, index=[f"c{i}" for i in range(50)])
+    anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "x.h5ad")
+    code = ("import sys; from langcell.cli import main; "
+            f"rc = main(['tokenize', '--input', {str(tmp_path / 'x.h5ad')!r}, '--out', {str(tmp_path / 'ds')!r}]); "
+            "print(rc, 'datasets' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "50 cells tokenized" in run.stdout and run.stdout.split()[-2:] == ["0", "False"]
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    in_memory = tokenize_anndata(tmp_path / "x.h5ad", RankValueTokenizer(tokens, medians))
+    assert loaded.features == in_memory.features and loaded["input_ids"] == in_memory["input_ids"]
+    assert loaded["cell_type"] == ["a", "b"] * 25

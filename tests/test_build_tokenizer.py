@@ -102,6 +102,29 @@ def test_arithmetic_rounds_in_numpys_dtypes(data_dtype, totals_dtype):
     assert changed > 0
 
 
+@pytest.mark.parametrize("max_length", [2048, 40])
+def test_order_is_exact_where_float32_cannot_tell_values_apart(max_length):
+    """The sort keys are the values rounded to float32: values a few float64 ulps apart, beyond
+    float32's range (inf) or below it (0) share a key, and only the exact order may decide;
+    a short max_length cuts rows inside such runs."""
+    rng = np.random.default_rng(11)
+    genes = [f"ENSG{i:011d}" for i in range(300)]
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}, "<cls>": 302}
+    scale = rng.choice([1.0, 3.0, 1e-60, 1e60, 1e-300, 1e300], 300)
+    medians = {g: float(scale[i] * (1 + (i % 5) * 2.0 ** -52)) for i, g in enumerate(genes)}
+    counts = rng.integers(1, 4, (200, 300)) * (rng.random((200, 300)) < 0.6)
+    X = sp.csr_matrix(counts.astype(np.float64))
+    n_counts = counts.sum(axis=1).astype(np.float64)
+    tok = RankValueTokenizer(tokens, medians, max_length=max_length)
+    got = tok.tokenize_csr(X, genes, n_counts)
+    for i in range(200):
+        assert np.array_equal(got[i], reference_tokens(genes, counts[i].astype(np.float64), n_counts[i], tokens,
+                                                       medians, max_length)), i
+    values = counts[0] / n_counts[0] * 10_000 / np.array(list(medians.values()))
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, as the keys do
+        shared = values[values > 0].astype(np.float32)
+    assert len(np.unique(shared)) < len(np.unique(values[values > 0])) - 50  # many keys shared
+
 def test_pbmc68k_real_cells_equal_reference():
     X, symbols, n_counts, _ = pbmc68k_counts()
     symbol_map = json.loads((REF / "gene_symbol_to_ensembl.json").read_text())
@@ -129,6 +152,9 @@ def test_vocab_medians_mismatch_and_missing_cls_are_refused():
         RankValueTokenizer(no_cls, medians)
     tok = RankValueTokenizer(tokens, medians)
     assert tok.tokenize_csr(sp.csr_matrix((0, 2)), ["ENSG00000000003", "x"]) == []
+    # Counts on genes none of which is in the vocabulary: every cell is just <cls>.
+    no_vocab = tok.tokenize_csr(sp.csr_matrix(np.ones((3, 2), np.float32)), ["x", "y"])
+    assert [t.tolist() for t in no_vocab] == [[tokens["<cls>"]]] * 3
     with pytest.raises(LangCellError, match="gene ids"):
         tok.tokenize_csr(sp.csr_matrix((2, 3)), ["a", "b"])
 

@@ -75,3 +75,26 @@ def test_the_file_is_closed_when_a_check_fails(tmp_path):
         open_user_anndata(path, VOCAB)
     # The traceback, kept alive here, still references the reader: only an explicit close frees the file.
     assert info.traceback and len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)) == 0
+
+
+_FLOAT_VALUES = [(0.0, None), (-0.0, None), (7.0, None), (3e6, None), (2.0 ** 60, None), (0.5, "non-integer"),
+                 (1e-30, "non-integer"), (-1.0, "negative"), (np.nan, "NaN or infinite"),
+                 (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite")]
+
+
+@pytest.mark.parametrize("dtype, value, problem", [(d, v, p) for d in (np.float32, np.float64) for v, p in _FLOAT_VALUES]
+                         + [(np.int64, 7, None), (np.int64, -1, "negative"), (np.uint16, 7, None)])
+def test_count_check_accepts_whole_numbers_only(dtype, value, problem):
+    """The one-pass compiled check and the located error agree on every kind of value."""
+    from langcell.build_sclibrary import rank_kernels
+    from langcell.build_sclibrary.user_anndata import check_counts
+
+    data = np.array([1, 2, value, 4]).astype(dtype)
+    if data.dtype.kind == "f":
+        assert rank_kernels.counts_ok(data) == (problem is None)
+    X = sp.csr_matrix((data, [0, 1, 2, 3], [0, 2, 4]), shape=(2, 4))
+    if problem is None:
+        check_counts(X, "x.h5ad", "X", first_row=10)
+    else:
+        with pytest.raises(LangCellError, match=rf"x.h5ad: X has {problem} values \(e.g. .* in row 11\)"):
+            check_counts(X, "x.h5ad", "X", first_row=10)

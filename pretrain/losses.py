@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
 # CLIP's cap on the learned inverse temperature (temperature >= 0.01).
 MAX_LOG_SCALE = 4.6052
 

@@ -28,9 +28,14 @@ from langcell.core.files import atomic_write_bytes, atomic_write_json, display_p
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 INGEST_CONFIG_DIR = CONFIG_DIR.parent / "ingest"
 LOSS_KEYS = ("loss", "mlm", "cell_cell", "cell_text", "ctm")
-# Entropy of the matching labels (1 match : 2 hard negatives, BLIP's ratio): the loss of a head
-# that has learned nothing but that ratio.
-CTM_PRIOR_ENTROPY = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
+
+
+def ctm_prior_entropy(balanced: bool) -> float:
+    """The matching loss of a head that learned nothing but its label ratio: 1 match : 2 hard
+    negatives (BLIP), or 1 : 1 for every text when pairs are balanced per text."""
+    if balanced:
+        return math.log(2)
+    return -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
 
 
 @dataclass
@@ -232,6 +237,7 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
     from datasets import load_from_disk
 
     from langcell.ingest.demo_census import CELLTYPIST_DATASET, PBMC68K_DATASET
+    from langcell.pretrain.config import load_pretrain_config
 
     real_datasets = (PBMC68K_DATASET, CELLTYPIST_DATASET)
     metrics = json.loads((report_dir / "metrics.json").read_text())
@@ -239,6 +245,9 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
     counts = Counter(test["cell_type"])
     n_test = sum(counts.values())
     summaries = {s: json.loads((out / "run" / f"stage{s}" / "done.json").read_text()) for s in (1, 2)}
+    balanced = load_pretrain_config(cfg.pretrain_config).ctm_balance_texts
+    prior = ctm_prior_entropy(balanced)
+    ratio = "1 : 1 for every text" if balanced else "1 match : 2 non-matches"
     per_split = {split: Counter(load_from_disk(str(library / "hf" / split))["dataset_id"])
                  for split in ("train", "val", "test")}
     datasets = sorted(set().union(*per_split.values()))
@@ -276,8 +285,8 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
     majority = max(counts.values()) / n_test
     lines += [
         "",
-        f"The matching loss (ctm) starts at {CTM_PRIOR_ENTROPY:.3f}, the entropy of its 1 match : 2 non-matches "
-        "labels; below it, the matching head tells true descriptions from hard negatives.",
+        f"The matching loss (ctm) starts at {prior:.3f}, the entropy of its labels ({ratio}); "
+        "below it, the matching head tells true descriptions from hard negatives.",
         "",
         f"## Zero-shot annotation of {n_test} held-out real PBMC cells ({len(counts)} types)",
         "",
@@ -310,5 +319,5 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
         "zero_shot": zs, "similarity_only": {k: final.get(f"similarity_only_{k}") for k in ("accuracy", "macro_f1")},
         "logreg": {k: refs[f"logreg_{k}"] for k in ("accuracy", "macro_f1")}, "chance": 1 / len(counts),
         "majority": majority, "n_test": n_test, "seed": cfg.seed, "stage2": summaries[2],
-        "ctm_prior_entropy": CTM_PRIOR_ENTROPY, "seconds": seconds})
+        "ctm_prior_entropy": prior, "seconds": seconds})
     return report

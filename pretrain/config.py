@@ -164,6 +164,10 @@ class PretrainConfig:
     # BLIP's softmax(similarity x logit scale) (0 = BLIP, LangCell's recipe). Hard negatives alone
     # never show the head the easy pairs, yet zero-shot scoring asks it about every class.
     ctm_uniform_negatives: float = 0.0
+    # Weight matching pairs so each distinct text is as often a non-match as a match (false =
+    # BLIP's unweighted pairs). Hard negatives make confusable descriptions non-matches far more
+    # often than distinctive ones, and the head learns that prior from the text alone.
+    ctm_balance_texts: bool = False
     deepspeed_config: str = "zero2.json"
     activation_checkpointing: bool = False
     checkpoint_every: int = 100

@@ -355,7 +355,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
                                  simcse_temperature=cfg.simcse_temperature, n_masked=n_masked,
-                                 ctm_uniform_negatives=cfg.ctm_uniform_negatives)
+                                 ctm_uniform_negatives=cfg.ctm_uniform_negatives,
+                                 ctm_balance_texts=cfg.ctm_balance_texts)
             engine.backward(loss)
             engine.step()
             parts["loss"] = loss.detach()

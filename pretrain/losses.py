@@ -205,10 +205,24 @@ def sample_hard_negatives(sim: torch.Tensor, candidates: torch.Tensor, logit_sca
     return torch.multinomial(probs, 1).squeeze(1), valid
 
 
+def balance_per_text(pair_texts: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n_texts: int):
+    """Pair weights rescaled so that each text's non-matches weigh as much in total as its
+    matches. BLIP's draws make a text that is often a hard negative (one of several T-cell
+    subtypes) a non-match far more often than a distinctive one; the head then learns from the
+    text alone that some descriptions rarely match, and zero-shot scoring, which compares texts
+    for one cell, inherits that bias. Balanced, no text carries a prior of its own."""
+    pos = labels.to(weights.dtype)
+    pos_w = torch.zeros(n_texts, dtype=weights.dtype, device=weights.device).index_add(0, pair_texts, weights * pos)
+    neg_w = torch.zeros_like(pos_w).index_add(0, pair_texts, weights * (1 - pos))
+    ratio = torch.where(neg_w > 0, pos_w / neg_w.clamp(min=1e-12), torch.zeros_like(neg_w))
+    return torch.where(pos > 0, weights, weights * ratio[pair_texts])
+
+
 def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_index, text_rows, true,
-                       sim_c2t, logit_scale, uniform_negatives: float = 0.0):
+                       sim_c2t, logit_scale, uniform_negatives: float = 0.0, balance_texts: bool = False):
     """Binary matching loss over the batch's (cell, own text) pairs, one hard negative text per
-    cell and one hard negative cell per text (BLIP's 1:2), drawn from the local batch.
+    cell and one hard negative cell per text (BLIP's 1:2), drawn from the local batch; with
+    `balance_texts`, weighted so each distinct text is as often a non-match as a match.
 
     `true` [B, B] is the truth matrix of the local texts (rows) and cells (columns); text row b
     is `text_ids[text_index[b]]`. Only the cells `text_rows` (those with identity text, listed
@@ -232,6 +246,8 @@ def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_
         labels[:n] = 1
         weights = torch.cat([torch.ones(n, device=cell_hidden.device), valid_c[text_rows].float(),
                              valid_t[text_rows].float()])
+        if balance_texts:
+            weights = balance_per_text(texts, labels, weights, len(text_ids))
         # Without any negative the head would only learn to say "match": such a batch counts zero.
         weights = weights * (weights[n:].sum() > 0)
     logits = model.match_logits(cell_hidden[cells], cell_mask[cells], text_ids[texts], text_mask[texts])
@@ -246,7 +262,8 @@ def encode_cell_views(model, ids, mask, views: int):
 
 
 def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
-                    n_masked: int | None = None, ctm_uniform_negatives: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    n_masked: int | None = None, ctm_uniform_negatives: float = 0.0,
+                    ctm_balance_texts: bool = False) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the stage's objectives and each objective's detached value (on the
     device: reading it is the caller's choice, since it waits for the device).
 
@@ -281,6 +298,6 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
             rows = batch["text_rows"] if "text_rows" in batch else has_text.nonzero().squeeze(1)
             parts["ctm"] = cell_text_matching(model, h1, mask, batch["text_ids"], batch["text_mask"], index,
                                               rows, true, (z1 @ text_emb.t()).detach(), scale.detach(),
-                                              ctm_uniform_negatives)
+                                              ctm_uniform_negatives, ctm_balance_texts)
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

@@ -380,8 +380,8 @@ class LangCellPretrainModel(LangCellModel):
             self.text_bert.gradient_checkpointing = True
 
     def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
-                n_masked: int | None = None, ctm_uniform_negatives: float = 0.0):
+                n_masked: int | None = None, ctm_uniform_negatives: float = 0.0, ctm_balance_texts: bool = False):
         from langcell.pretrain.losses import pretrain_losses
         return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature, n_masked,
-                               ctm_uniform_negatives)
+                               ctm_uniform_negatives, ctm_balance_texts)
 

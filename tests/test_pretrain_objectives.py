@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from langcell.pretrain.config import LossWeights, ModelConfig, TextChoiceConfig
 from langcell.pretrain.data import ASPECT_ORDER, choose_text, term_codes
-from langcell.pretrain.losses import (cell_text_contrastive, masked_gene_count, pretrain_losses, sample_hard_negatives,
-                                      truth_matrix)
+from langcell.pretrain.losses import (cell_text_contrastive, cell_text_matching, masked_gene_count, pretrain_losses,
+                                      sample_hard_negatives, truth_matrix)
 from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
 from langcell.core.config import from_dict
 from tests.pretrain_helpers import MODEL, VOCAB
@@ -166,6 +166,47 @@ def test_hard_negatives_are_hard_and_never_true():
     assert (mixed != torch.arange(16)).all()
     easy = ((mixed[:, 0] != 5).float().mean().item())
     assert abs(easy - 0.5 * 14 / 15) < 0.04
+
+
+class _TextPrior:
+    """A matching head that sees only which text it is given: one learnable logit per text."""
+
+    def __init__(self, n_texts):
+        self.bias = torch.zeros(n_texts, requires_grad=True)
+
+    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
+        return torch.stack([torch.zeros(len(text_ids)), self.bias[text_ids[:, 0]]], 1)
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_balanced_matching_leaves_no_text_a_prior_of_its_own(balance):
+    """Four confusable T-cell subtypes (3 cells each) and two distinctive types (2 each), at
+    training's cosines. With BLIP's draws the subtypes are the usual hard negatives, so a head
+    that reads only the text learns they rarely match; balanced, its gradient is zero in every
+    batch."""
+    torch.manual_seed(0)
+    types = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5])
+    b = len(types)
+    true = types[:, None] == types[None, :]
+    tcell = types < 4
+    sim = torch.where(true, 0.8, torch.where(tcell[:, None] & tcell[None, :], 0.6, 0.1)) + 0.02 * torch.randn(b, b)
+    text_ids = torch.arange(6)[:, None].repeat(1, 4)
+    hidden, mask = torch.zeros(b, 3, 8), torch.ones(b, 3, dtype=torch.long)
+    grads = []
+    for _ in range(50):
+        head = _TextPrior(6)
+        loss = cell_text_matching(head, hidden, mask, text_ids, torch.ones_like(text_ids), types, torch.arange(b),
+                                  true, sim, torch.tensor(INIT_SCALE), balance_texts=balance)
+        loss.backward()
+        grads.append(head.bias.grad)
+    grads = torch.stack(grads)
+    if balance:
+        assert grads.abs().max() < 1e-6
+    else:
+        # A positive gradient lowers the logit: the subtypes are pushed towards "no match" in
+        # every batch, several times harder than the distinctive types.
+        assert (grads[:, :4] > 0).all()
+        assert grads[:, :4].mean() > 4 * grads[:, 4:].mean()
 
 
 def _model():

@@ -66,7 +66,11 @@ def match_prob_pairs(model, cell_hidden, cell_mask, cell_index, text_ids, text_m
         # Texts of one class list are padded to the longest one; trimming to the longest in this
         # pass saves the cross-attention work on pad positions.
         width = int(tm.sum(dim=1).max())
-        logits = model.match_logits(cell_hidden[ci], cell_mask[ci], text_ids[ti][:, :width], tm[:, :width])
+        # Each cell of the pass is projected to cross-attention keys and values once, however
+        # many of its classes the pass scores.
+        cells, pair_cell = torch.unique(ci, return_inverse=True)
+        logits = model.match_logits(cell_hidden[cells], cell_mask[cells], text_ids[ti][:, :width], tm[:, :width],
+                                    cell_index=pair_cell)
         out[start:start + len(ci)] = F.softmax(logits.float(), dim=-1)[:, 1].cpu()
     return out
 

@@ -44,7 +44,7 @@ def fewshot_loss(model, input_ids, attention_mask, labels, text_ids, text_mask,
         target = labels
     cells = torch.arange(batch, device=sim.device).repeat_interleave(cand.shape[1])
     classes = cand.reshape(-1)
-    logits = model.match_logits(hidden[cells], attention_mask[cells], text_ids[classes], text_mask[classes])
+    logits = model.match_logits(hidden, attention_mask, text_ids[classes], text_mask[classes], cell_index=cells)
     if match_on_margin:
         match = (logits[:, 1] - logits[:, 0]).view(batch, -1)
     else:

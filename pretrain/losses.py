@@ -250,7 +250,7 @@ def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_
             weights = balance_per_text(texts, labels, weights, len(text_ids))
         # Without any negative the head would only learn to say "match": such a batch counts zero.
         weights = weights * (weights[n:].sum() > 0)
-    logits = model.match_logits(cell_hidden[cells], cell_mask[cells], text_ids[texts], text_mask[texts])
+    logits = model.match_logits(cell_hidden, cell_mask, text_ids[texts], text_mask[texts], cell_index=cells)
     loss = F.cross_entropy(logits, labels, reduction="none")
     return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 

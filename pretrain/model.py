@@ -41,16 +41,22 @@ class _SelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, hidden)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor,
+                kv_index: torch.Tensor | None = None) -> torch.Tensor:
         b, lq, h = x.shape
         d = h // self.heads
 
         def split(t):
             return t.view(b, t.shape[1], self.heads, d).transpose(1, 2)
 
+        key, value = self.key(kv), self.value(kv)
+        if kv_index is not None:
+            # Row i of x attends to kv[kv_index[i]]: keys and values are projected once per cell
+            # and gathered, not once per (cell, text) pair.
+            key, value, kv_mask = key[kv_index], value[kv_index], kv_mask[kv_index]
         # kv_mask: [B, Lk] with 1 = attend; SDPA takes a boolean mask broadcast over heads/queries.
         out = F.scaled_dot_product_attention(
-            split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
+            split(self.query(x)), split(key), split(value),
             attn_mask=kv_mask[:, None, None, :].bool(),
             dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, lq, h)
@@ -74,8 +80,8 @@ class _Attention(nn.Module):
                                    config.attention_probs_dropout_prob)
         self.output = _AttentionOutput(config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
 
-    def forward(self, x, kv, kv_mask):
-        return self.output(self.self(x, kv, kv_mask), x)
+    def forward(self, x, kv, kv_mask, kv_index=None):
+        return self.output(self.self(x, kv, kv_mask, kv_index), x)
 
 
 class _Intermediate(nn.Module):
@@ -98,10 +104,10 @@ class _Layer(nn.Module):
         self.output = _AttentionOutput(config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob,
                                        in_width=config.intermediate_size)
 
-    def forward(self, x, mask, enc=None, enc_mask=None):
+    def forward(self, x, mask, enc=None, enc_mask=None, enc_index=None):
         x = self.attention(x, x, mask)
         if enc is not None:
-            x = self.crossattention(x, enc, enc_mask)
+            x = self.crossattention(x, enc, enc_mask, enc_index)
         return self.output(self.intermediate(x), x)
 
 
@@ -152,7 +158,9 @@ class TextBert(nn.Module):
             module.bias.data.zero_()
 
     def forward(self, input_ids, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None,
-                mode: str = "text") -> torch.Tensor:
+                mode: str = "text", encoder_index=None) -> torch.Tensor:
+        """`encoder_index` [B] (optional): text i cross-attends to `encoder_hidden_states[encoder_index[i]]`,
+        so several texts can read one cell without copying its states."""
         if mode not in ("text", "multimodal"):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
         enc = encoder_hidden_states if mode == "multimodal" else None
@@ -161,9 +169,10 @@ class TextBert(nn.Module):
         x = self.embeddings(input_ids)
         for layer in self.encoder.layer:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, attention_mask, enc, encoder_attention_mask, use_reentrant=False)
+                x = checkpoint(layer, x, attention_mask, enc, encoder_attention_mask, encoder_index,
+                               use_reentrant=False)
             else:
-                x = layer(x, attention_mask, enc, encoder_attention_mask)
+                x = layer(x, attention_mask, enc, encoder_attention_mask, encoder_index)
         return x
 
     @classmethod
@@ -335,10 +344,11 @@ class LangCellModel(nn.Module):
         hidden = self.text_bert(input_ids, attention_mask, mode="text")
         return F.normalize(self.text_proj(_pool(hidden, attention_mask, self.text_pooling)), dim=-1)
 
-    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
-        """[B,2] cell-text matching logits (index 1 = match) from the multimodal text encoder."""
+    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask, cell_index=None):
+        """[B,2] cell-text matching logits (index 1 = match) from the multimodal text encoder; with
+        `cell_index`, text i is paired with cell `cell_index[i]` of `cell_hidden`."""
         hidden = self.text_bert(text_ids, text_mask, encoder_hidden_states=cell_hidden,
-                                encoder_attention_mask=cell_mask, mode="multimodal")
+                                encoder_attention_mask=cell_mask, mode="multimodal", encoder_index=cell_index)
         return self.ctm_head(hidden[:, 0])
 
     def tokenize_texts(self, texts: list[str]):

@@ -98,7 +98,9 @@ class _FakeModel(torch.nn.Module):
     def encode_texts(self, input_ids, attention_mask):
         return F.normalize((self.text_emb[input_ids] * attention_mask[..., None]).sum(1), dim=-1)
 
-    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
+    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask, cell_index=None):
+        if cell_index is not None:
+            cell_hidden, cell_mask = cell_hidden[cell_index], cell_mask[cell_index]
         cell = (cell_hidden * cell_mask[..., None]).sum(1)
         text = (self.text_emb[text_ids] * text_mask[..., None]).sum(1)
         s = (cell * text).sum(-1) / 10

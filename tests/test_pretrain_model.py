@@ -223,3 +223,30 @@ def test_simcse_from_random_weights_collapses_with_cls_pooling_only(pooling):
         assert off_diagonal > 0.99 and abs(loss.item() - math.log(16)) < 0.1
     else:
         assert off_diagonal < 0.7 and loss.item() < 0.5
+
+
+def test_matching_pairs_by_cell_index_equal_copied_cells():
+    """Pairs that share cells (as the matching loss and zero-shot scoring make them) read each
+    cell's keys and values by index; the logits and every gradient equal those of the pairs
+    built by copying the cells."""
+    model = _tiny_model().eval()
+    ids, mask = _cells()
+    t_ids, t_mask = model.tokenize_texts(["A T cell.", "A B cell from the blood.", "A monocyte."])
+    cells = torch.tensor([0, 0, 1, 3, 3, 3, 2])
+    texts = torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    results = []
+    for by_index in (False, True):
+        model.zero_grad()
+        _, hidden = model.encode_cells(ids, mask)
+        if by_index:
+            logits = model.match_logits(hidden, mask, t_ids[texts], t_mask[texts], cell_index=cells)
+        else:
+            logits = model.match_logits(hidden[cells], mask[cells], t_ids[texts], t_mask[texts])
+        (logits * torch.linspace(-1, 1, 14).view(7, 2)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (copied, g_copied), (indexed, g_indexed) = results
+    assert torch.allclose(copied, indexed, atol=1e-5) and copied.shape == (7, 2)
+    assert g_copied.keys() == g_indexed.keys() and "cell_bert.embeddings.word_embeddings.weight" in g_copied
+    for name in g_copied:
+        assert torch.allclose(g_copied[name], g_indexed[name], atol=1e-5), name

@@ -174,7 +174,7 @@ class _TextPrior:
     def __init__(self, n_texts):
         self.bias = torch.zeros(n_texts, requires_grad=True)
 
-    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask):
+    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask, cell_index=None):
         return torch.stack([torch.zeros(len(text_ids)), self.bias[text_ids[:, 0]]], 1)
 
 
@@ -266,9 +266,9 @@ def test_cells_without_text_never_reach_the_text_encoder():
     matched = []
     match_logits = model.match_logits
 
-    def record(cell_hidden, cell_mask, text_ids, text_mask):
-        matched.append(cell_mask.sum(1) - 12)
-        return match_logits(cell_hidden, cell_mask, text_ids, text_mask)
+    def record(cell_hidden, cell_mask, text_ids, text_mask, cell_index):
+        matched.append(cell_mask.sum(1)[cell_index] - 12)
+        return match_logits(cell_hidden, cell_mask, text_ids, text_mask, cell_index)
     model.match_logits = record
     torch.manual_seed(0)
     total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)

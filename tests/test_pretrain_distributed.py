@@ -190,7 +190,7 @@ def test_two_process_training_losses_fall_resume_and_export(tmp_path, zero, micr
         again = read_metrics(killed / "stage2" / "metrics.jsonl")
         assert [m["step"] for m in again] == list(range(1, 11))
         for x, y in zip(m2[resumed_from:], again[resumed_from:]):
-            for key in ("loss", "mlm", "cell_cell", "cell_text", "ctm", "lr", "temperature"):
+            for key in ("loss", "mlm", "cell_cell", "cell_text", "ctm", "lr", "temperature", "grad_norm"):
                 assert abs(x[key] - y[key]) < 1e-5, (x["step"], key, x[key], y[key])
 
 

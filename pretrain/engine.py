@@ -381,8 +381,9 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
                    "padding_share": 1 - tokens / padded, "model_flops_per_s": flops / elapsed}
             if stage == 2:
                 rec["temperature"] = _temperature(engine)
-            # This step's global gradient norm before clipping: when it stays far above grad_clip,
-            # clipping, not the learning rate, sets the step size of every objective.
+            # This step's global gradient norm before clipping (ZeRO stages report it; stage 0 in
+            # fp32 does not): when it stays far above grad_clip, clipping, not the learning rate,
+            # sets the step size of every objective.
             norm = engine.get_global_grad_norm()
             rec["grad_norm"] = None if norm is None else float(norm)
             # Model FLOPs of every rank's cells over every device's peak.

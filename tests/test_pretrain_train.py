@@ -104,7 +104,8 @@ def test_two_stages_then_export_loads_the_trained_weights(setup):
                           "model_flops_per_s"}
     assert all(r["model_flops_per_s"] > 0 for r in m1 + m2)
     assert set(m2[0]) >= {"mlm", "cell_cell", "cell_text", "ctm", "temperature"}
-    assert all(m["grad_norm"] > 0 for m in m1 + m2)
+    # Without ZeRO (stage 0 in fp32) DeepSpeed does not report the gradient norm.
+    assert all(m["grad_norm"] is None for m in m1 + m2)
     assert all(0.0 <= m["padding_share"] < 0.5 and m["cells_per_s"] > 0 for m in m1 + m2)
     assert (run / "stage1" / "tb").is_dir() and (run / "stage2" / "done.json").is_file()
 

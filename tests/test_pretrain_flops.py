@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
-from langcell.pretrain.flops import StepShapes, layer_forward_flops, step_flops
+from langcell.pretrain.flops import StepShapes, cross_kv_flops, layer_forward_flops, step_flops
 from langcell.pretrain.model import TextBert
 
 CELL = dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
@@ -46,6 +46,20 @@ def test_multimodal_text_layer_matches_torch_flop_counter():
     cells, cell_mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.long)
     counted = _counted(lambda: text(ids, mask, cells, cell_mask, mode="multimodal"))
     assert counted == layer_forward_flops(12, 16, 48, 40, 32)
+
+
+def test_matching_pairs_that_share_a_cell_project_it_once():
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64)
+    config.encoder_width, config.use_token_type_embeddings = 32, False
+    text = TextBert(config).eval()
+    ids, mask = torch.randint(1, 100, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    cells, cell_mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.long)
+    counted = _counted(lambda: text(ids, mask, cells, cell_mask, mode="multimodal",
+                                    encoder_index=torch.zeros(3, dtype=torch.long)))
+    per_pair = layer_forward_flops(12, 16, 48, 40, 32, kv_projections=False)
+    assert counted == 3 * per_pair + cross_kv_flops(40, 32, 16)
+    assert counted < 3 * layer_forward_flops(12, 16, 48, 40, 32)
 
 
 def test_training_step_is_three_forwards_of_the_real_model():

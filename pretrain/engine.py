@@ -269,7 +269,6 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
     import torch
     from tqdm import tqdm
 
-    from langcell.pretrain.data import CellStream
     from langcell.pretrain.model import LangCellPretrainModel
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -310,19 +309,8 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         logged = _read_metrics(metrics_path) if rank == 0 else []
         return _finish_stage(ckpt_dir, run, sdir, stage, rank, logged[-1] if logged else {"step": step})
 
-    loader = torch.utils.data.DataLoader(
-        # Stage 2 reads its own order of the library, not stage 1's again from the start.
-        CellStream(shards, rank=rank, world=world, seed=cfg.seed * 10 + stage, batch_size=cfg.micro_batch_size,
-                   shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
-                   max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
-                   with_text=stage == 2, tokenizer_path=str(run / "tokenizer"),
-                   text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
-                   resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps,
-                   pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
-                   open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only,
-                   tokens_per_batch=cfg.data.tokens_per_batch),
-        batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None,
-        pin_memory=on_gpu)  # page-locked batches make the non-blocking copies to the GPU asynchronous
+    loader = training_loader(cfg, model_cfg, stage, shards, str(run / "tokenizer"), rank, world, on_gpu,
+                             resume=resume, start_batch=0 if resume else step * cfg.grad_accum_steps)
     batches = iter(loader)
     text_config = model.text_bert.config if stage == 2 else None
     writer = None
@@ -406,6 +394,28 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
         writer.close()
     del batches, loader
     return _finish_stage(ckpt_dir, run, sdir, stage, rank, summary)
+
+
+def training_loader(cfg, model_cfg, stage: int, shards, tokenizer_path: str, rank: int, world: int, on_gpu: bool,
+                    resume: dict | None = None, start_batch: int = 0):
+    """The stage's batches for one rank, as training reads them (the loader benchmark reads these too)."""
+    import torch
+
+    from langcell.pretrain.data import CellStream
+    stage_cfg = cfg.stage(stage)
+    return torch.utils.data.DataLoader(
+        # Stage 2 reads its own order of the library, not stage 1's again from the start.
+        CellStream(shards, rank=rank, world=world, seed=cfg.seed * 10 + stage, batch_size=cfg.micro_batch_size,
+                   shuffle_buffer=cfg.data.shuffle_buffer, bucket_batches=cfg.data.bucket_batches,
+                   max_length=min(cfg.data.max_length, model_cfg.cell.max_position_embeddings),
+                   with_text=stage == 2, tokenizer_path=tokenizer_path,
+                   text_max_length=model_cfg.text.max_length, text_choice=cfg.text,
+                   resume=resume, start_batch=start_batch,
+                   pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
+                   open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only,
+                   tokens_per_batch=cfg.data.tokens_per_batch),
+        batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None,
+        pin_memory=on_gpu)  # page-locked batches make the non-blocking copies to the GPU asynchronous
 
 
 def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, summary: dict) -> dict:

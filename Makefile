@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# On a GPU host: the base recipe per ZeRO stage on all local GPUs (BENCHMARKS.md "GPU").
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_gpu
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

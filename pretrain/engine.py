@@ -377,6 +377,7 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             # Model FLOPs of every rank's cells over every device's peak.
             rec["mfu"] = (flops / elapsed / (cfg.peak_flops_per_device * world)
                           if on_gpu and cfg.peak_flops_per_device > 0 else None)
+            rec["peak_memory_gb"] = _peak_memory_gb(on_gpu)
             summary = rec
             if rank == 0:
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", cells_s=f"{cells / elapsed:.1f}")
@@ -429,6 +430,17 @@ def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, 
         atomic_write_json(sdir / "done.json", summary)
     torch.distributed.barrier()
     return summary
+
+
+def _peak_memory_gb(on_gpu: bool) -> float:
+    """This rank's peak so far: memory torch allocated on its GPU, or on a CPU the peak resident
+    size of its process (loader workers are processes of their own)."""
+    import resource
+
+    import torch
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _report_partitioning(engine, rank: int, world: int) -> None:

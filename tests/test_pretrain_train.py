@@ -106,6 +106,9 @@ def test_two_stages_then_export_loads_the_trained_weights(setup):
     assert set(m2[0]) >= {"mlm", "cell_cell", "cell_text", "ctm", "temperature"}
     # Without ZeRO (stage 0 in fp32) DeepSpeed does not report the gradient norm.
     assert all(m["grad_norm"] is None for m in m1 + m2)
+    # Peak resident size of the training process, never falling: above the model and torch, far below the machine.
+    peaks = [m["peak_memory_gb"] for m in m1 + m2]
+    assert all(0.2 < p < 16 for p in peaks) and peaks[:len(m1)] == sorted(peaks[:len(m1)])
     assert all(0.0 <= m["padding_share"] < 0.5 and m["cells_per_s"] > 0 for m in m1 + m2)
     assert (run / "stage1" / "tb").is_dir() and (run / "stage2" / "done.json").is_file()
 

@@ -33,7 +33,8 @@ def seed_row(out: Path, seconds: float) -> dict:
     return {"seed": summary["seed"], "minutes": seconds / 60, "accuracy": summary["zero_shot"]["accuracy"],
             "macro_f1": summary["zero_shot"]["macro_f1"], "sim_accuracy": summary["similarity_only"]["accuracy"],
             "ctm": summary["stage2"].get("ctm", float("nan")), "cell_text": summary["stage2"].get("cell_text"),
-            "finetune": {k: v.get("accuracy_mean") for k, v in finetune.items()}, "summary": summary}
+            "finetune": {k: v.get("accuracy_mean") for k, v in finetune.items()},
+            "peaks": summary.get("peak_memory_gb", {}), "summary": summary}
 
 
 def format_section(rows: list[dict], command: str) -> str:
@@ -65,6 +66,17 @@ def format_section(rows: list[dict], command: str) -> str:
               f"{'met' if met else 'NOT met'}; each run within 30 minutes on 2 cores: "
               f"{'met' if slowest <= 30 else 'NOT met'} (slowest {slowest:.1f} min). Each seed's learning curve "
               "is its `learning_curve.png`."]
+    measured = [r for r in rows if r["peaks"]]
+    if measured:
+        steps = list(dict.fromkeys(name for r in measured for name in r["peaks"]))
+        lines += ["", "Peak resident memory of each step (GB; the process's high-water mark reset as the step "
+                  "starts, pre-training's logged by its own process):", "",
+                  "| step | " + " | ".join(f"seed {r['seed']}" for r in measured) + " |",
+                  "|---|" + "---|" * len(measured)]
+        lines += [f"| {name} | " + " | ".join(f"{r['peaks'][name]:.2f}" if name in r["peaks"] else "-"
+                                             for r in measured) + " |" for name in steps]
+        worst = max(v for r in measured for v in r["peaks"].values())
+        lines += ["", f"Goal: under 4 GB in every step: {'met' if worst < 4 else 'NOT met'} (highest {worst:.2f} GB)."]
     return "\n".join(lines)
 
 

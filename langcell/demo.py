@@ -60,8 +60,58 @@ def load_demo_config(name_or_path: str) -> tuple[DemoConfig, Path]:
     return from_dict(DemoConfig, load_yaml(path), str(path)), path
 
 
+class _StepMemory:
+    """Peak resident memory of each step this invocation runs: the process's high-water mark,
+    reset as each step starts (Linux's /proc/self/clear_refs), and for pre-training, which runs
+    in a process of its own, the peak that process logs. Kept in OUT/peak_memory.json across
+    resumed invocations."""
+
+    def __init__(self):
+        self.current, self.peaks = None, {}
+
+    def start(self, name: str) -> None:
+        self.finish()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # not Linux: the mark then includes earlier steps (an upper bound)
+            pass
+        self.current = name
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.record(self.current, _high_water_gb())
+            self.current = None
+
+    def record(self, name: str, gb: float | None) -> None:
+        if gb is not None:
+            self.peaks[name] = max(gb, self.peaks.get(name, 0.0))
+
+    def save(self, out: Path) -> dict:
+        path = out / "peak_memory.json"
+        peaks = {**(json.loads(path.read_text()) if path.is_file() else {}), **self.peaks}
+        atomic_write_json(path, peaks)
+        return peaks
+
+
+def _high_water_gb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+_memory = _StepMemory()
+
+
 def _step(name: str, done: bool):
     print(f"[demo] {name}: {'done earlier, reused' if done else 'running'}", flush=True)
+    if done:
+        _memory.finish()
+    else:
+        _memory.start(name)
     return not done
 
 
@@ -101,7 +151,9 @@ def run_demo(out: str | os.PathLike, config: str = "default", seed: int | None =
             from langcell.eval.suite import run_suite
             run_suite(cfg.eval_config, model=str(export), data=str(eval_data), out=str(report_dir),
                       library=str(library))
-        report = _write_report(out, cfg, config, library, eval_data, report_dir, curve, time.time() - started)
+        _memory.finish()
+        peaks = _memory.save(out)
+        report = _write_report(out, cfg, config, library, eval_data, report_dir, curve, time.time() - started, peaks)
     print(f"[demo] report: {report}")
     return report
 
@@ -189,6 +241,8 @@ def _pretrain_and_export(out: Path, library: Path, cfg: DemoConfig) -> Path:
             args = ["pretrain", "--config", pretrain_config, "--data", str(library), "--out", str(run),
                     "--stage", str(stage), "--seed", str(cfg.seed)]
             _run_cli(args + (["--max-steps", str(steps)] if steps else []))
+            logged = [json.loads(line) for line in (run / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+            _memory.record(f"pre-training stage {stage}", max(r.get("peak_memory_gb") or 0.0 for r in logged))
     if _step("export (published LangCell layout)", (export / "langcell_config.json").is_file()):
         from langcell.pretrain.engine import export_run
         export_run(run, export)
@@ -233,7 +287,7 @@ def _learning_curve(out: Path, library: Path, eval_data: Path, cfg: DemoConfig) 
 
 
 def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_data: Path,
-                  report_dir: Path, curve: dict, seconds: float) -> Path:
+                  report_dir: Path, curve: dict, seconds: float, peaks: dict) -> Path:
     from datasets import load_from_disk
 
     from langcell.ingest.demo_census import CELLTYPIST_DATASET, PBMC68K_DATASET
@@ -309,6 +363,16 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
         *(f"| {p['step']} | {p['accuracy']:.3f} | {p['macro_f1']:.3f} | {p['similarity_only_accuracy']:.3f} "
           f"| {p['similarity_only_macro_f1']:.3f} |" for p in curve["points"]),
         "",
+        "## Peak memory per step",
+        "",
+        "Resident memory at its highest during each step (the process's high-water mark, reset as the "
+        "step starts; pre-training runs in its own process and logs its own). Steps reused from an "
+        "earlier invocation keep the figure that invocation measured.",
+        "",
+        "| step | peak RSS (GB) |",
+        "|---|---|",
+        *(f"| {name} | {gb:.2f} |" for name, gb in peaks.items()),
+        "",
         f"The full evaluation (few-shot against logistic regression and kNN, retrieval, integration, "
         f"plots) is in [{report_dir.name}/report.md]({report_dir.name}/report.md).",
         "",
@@ -319,5 +383,5 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
         "zero_shot": zs, "similarity_only": {k: final.get(f"similarity_only_{k}") for k in ("accuracy", "macro_f1")},
         "logreg": {k: refs[f"logreg_{k}"] for k in ("accuracy", "macro_f1")}, "chance": 1 / len(counts),
         "majority": majority, "n_test": n_test, "seed": cfg.seed, "stage2": summaries[2],
-        "ctm_prior_entropy": prior, "seconds": seconds})
+        "ctm_prior_entropy": prior, "seconds": seconds, "peak_memory_gb": peaks})
     return report

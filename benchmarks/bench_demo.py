@@ -34,7 +34,7 @@ def seed_row(out: Path, seconds: float) -> dict:
             "macro_f1": summary["zero_shot"]["macro_f1"], "sim_accuracy": summary["similarity_only"]["accuracy"],
             "ctm": summary["stage2"].get("ctm", float("nan")), "cell_text": summary["stage2"].get("cell_text"),
             "finetune": {k: v.get("accuracy_mean") for k, v in finetune.items()},
-            "peaks": summary.get("peak_memory_gb", {}), "summary": summary}
+            "peaks": {row["step"]: row["gb"] for row in summary.get("peak_memory_gb", [])}, "summary": summary}
 
 
 def format_section(rows: list[dict], command: str) -> str:

@@ -87,9 +87,11 @@ class _StepMemory:
             self.peaks[name] = max(gb, self.peaks.get(name, 0.0))
 
     def save(self, out: Path) -> dict:
+        """All steps' peaks so far, in the order the steps first ran."""
         path = out / "peak_memory.json"
-        peaks = {**(json.loads(path.read_text()) if path.is_file() else {}), **self.peaks}
-        atomic_write_json(path, peaks)
+        peaks = {row["step"]: row["gb"] for row in (json.loads(path.read_text()) if path.is_file() else [])}
+        peaks.update(self.peaks)
+        atomic_write_json(path, [{"step": name, "gb": gb} for name, gb in peaks.items()])
         return peaks
 
 
@@ -383,5 +385,6 @@ def _write_report(out: Path, cfg: DemoConfig, config: str, library: Path, eval_d
         "zero_shot": zs, "similarity_only": {k: final.get(f"similarity_only_{k}") for k in ("accuracy", "macro_f1")},
         "logreg": {k: refs[f"logreg_{k}"] for k in ("accuracy", "macro_f1")}, "chance": 1 / len(counts),
         "majority": majority, "n_test": n_test, "seed": cfg.seed, "stage2": summaries[2],
-        "ctm_prior_entropy": prior, "seconds": seconds, "peak_memory_gb": peaks})
+        "ctm_prior_entropy": prior, "seconds": seconds,
+        "peak_memory_gb": [{"step": name, "gb": gb} for name, gb in peaks.items()]})
     return report

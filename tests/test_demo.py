@@ -39,7 +39,7 @@ def test_demo_writes_a_report_whose_numbers_come_from_the_metrics(demo):
     synthetic = re.findall(r"\| (\S+) \| synthetic \| (\d+) \| (\d+) \| (\d+) \|", report)
     assert sum(int(n) for row in synthetic for n in row[1:]) == 200
     # Every step's peak memory, pre-training's from its own process.
-    peaks = summary["peak_memory_gb"]
+    peaks = {row["step"]: row["gb"] for row in summary["peak_memory_gb"]}
     assert {"pre-training stage 1", "pre-training stage 2", "eval suite", "export (published LangCell layout)"} <= set(peaks)
     assert all(0.05 < gb < 16 for gb in peaks.values())
     assert f"| eval suite | {peaks['eval suite']:.2f} |" in report

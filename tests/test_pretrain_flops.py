@@ -37,24 +37,25 @@ def test_cell_encoder_matches_torch_flop_counter():
     assert counted == layer_forward_flops(50, 32, 64)
 
 
-def test_multimodal_text_layer_matches_torch_flop_counter():
+def _multimodal_layer(texts: int):
+    """One multimodal text layer (width 16) with `texts` texts of 12 tokens and one cell of 40 states of width 32."""
     config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=48, max_position_embeddings=64)
     config.encoder_width, config.use_token_type_embeddings = 32, False
     text = TextBert(config).eval()
-    ids, mask = torch.randint(1, 100, (1, 12)), torch.ones(1, 12, dtype=torch.long)
+    ids, mask = torch.randint(1, 100, (texts, 12)), torch.ones(texts, 12, dtype=torch.long)
     cells, cell_mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.long)
+    return text, ids, mask, cells, cell_mask
+
+
+def test_multimodal_text_layer_matches_torch_flop_counter():
+    text, ids, mask, cells, cell_mask = _multimodal_layer(1)
     counted = _counted(lambda: text(ids, mask, cells, cell_mask, mode="multimodal"))
     assert counted == layer_forward_flops(12, 16, 48, 40, 32)
 
 
 def test_matching_pairs_that_share_a_cell_project_it_once():
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    config.encoder_width, config.use_token_type_embeddings = 32, False
-    text = TextBert(config).eval()
-    ids, mask = torch.randint(1, 100, (3, 12)), torch.ones(3, 12, dtype=torch.long)
-    cells, cell_mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.long)
+    text, ids, mask, cells, cell_mask = _multimodal_layer(3)
     counted = _counted(lambda: text(ids, mask, cells, cell_mask, mode="multimodal",
                                     encoder_index=torch.zeros(3, dtype=torch.long)))
     per_pair = layer_forward_flops(12, 16, 48, 40, 32, kv_projections=False)

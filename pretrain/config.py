@@ -169,6 +169,9 @@ class PretrainConfig:
     # often than distinctive ones, and the head learns that prior from the text alone.
     ctm_balance_texts: bool = False
     deepspeed_config: str = "zero2.json"
+    # Run the cell encoder on each batch's real tokens only (pretrain/packing.py): the same
+    # outputs as the padded batch, no compute spent on padding. false: padded batches.
+    pack_cells: bool = True
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -339,12 +339,13 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             window.update(cells=window["cells"] + batch["cell_ids"].shape[0],
                           tokens=window["tokens"] + int(batch["n_tokens"]),
                           padded=window["padded"] + int(batch["n_padded"]), flops=window["flops"] + flops)
+            lengths = batch["cell_mask"].sum(1).tolist() if cfg.pack_cells else None
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
                                  simcse_temperature=cfg.simcse_temperature, n_masked=n_masked,
                                  ctm_uniform_negatives=cfg.ctm_uniform_negatives,
-                                 ctm_balance_texts=cfg.ctm_balance_texts)
+                                 ctm_balance_texts=cfg.ctm_balance_texts, cell_lengths=lengths)
             engine.backward(loss)
             engine.step()
             parts["loss"] = loss.detach()

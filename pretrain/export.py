@@ -145,7 +145,10 @@ def _load_cell_bert(folder: Path):
     from transformers import BertConfig, BertModel
 
     config = BertConfig.from_json_file(str(folder / "config.json"))
-    model = BertModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
+    from langcell.pretrain.packing import PACKED_ATTENTION
+
+    # Packed attention: inference on each cell's real tokens only (LangCellModel.cell_states).
+    model = BertModel._from_config(config, attn_implementation=PACKED_ATTENTION, add_pooling_layer=False)
     name = "model.safetensors" if (folder / "model.safetensors").is_file() else "pytorch_model.bin"
     state = {k[5:] if k.startswith("bert.") else k: v for k, v in read_state_dict(folder).items()}
     load_strict(model, state, str(folder / name), CELL_UNUSED_KEYS)

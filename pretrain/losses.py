@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from langcell.pretrain.packing import encode_packed
+
 # CLIP's cap on the learned inverse temperature (temperature >= 0.01).
 MAX_LOG_SCALE = 4.6052
 
@@ -255,21 +257,27 @@ def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_
     return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def encode_cell_views(model, ids, mask, views: int):
-    """Hidden states of `views` dropout views of the same cells, in one encoder pass."""
-    hidden = model.cell_bert(input_ids=ids.repeat(views, 1), attention_mask=mask.repeat(views, 1)).last_hidden_state
+def encode_cell_views(model, ids, mask, views: int, lengths: list[int] | None = None):
+    """Hidden states of `views` dropout views of the same cells, in one encoder pass; with the
+    cells' `lengths` (from the host), packed: no layer computes anything for the padding."""
+    if lengths is not None:
+        hidden = encode_packed(model.cell_bert, ids.repeat(views, 1), lengths * views)
+    else:
+        hidden = model.cell_bert(input_ids=ids.repeat(views, 1), attention_mask=mask.repeat(views, 1)).last_hidden_state
     return hidden.chunk(views)
 
 
 def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
                     n_masked: int | None = None, ctm_uniform_negatives: float = 0.0,
-                    ctm_balance_texts: bool = False) -> tuple[torch.Tensor, dict]:
+                    ctm_balance_texts: bool = False, cell_lengths: list[int] | None = None
+                    ) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the stage's objectives and each objective's detached value (on the
     device: reading it is the caller's choice, since it waits for the device).
 
     `n_masked` (genes to mask, `masked_gene_count` of the batch on the host) and the batch's
     `text_rows` are what would otherwise make the step wait for the device; the trainer passes
-    both, tests may leave them out. An objective with weight 0 is not computed at all."""
+    both, tests may leave them out. With `cell_lengths` (the real tokens of each cell, counted on
+    the host) the cell encoder runs packed. An objective with weight 0 is not computed at all."""
     ids, mask = batch["cell_ids"], batch["cell_mask"]
     vocab = model.cell_bert.config.vocab_size
     if n_masked is None:
@@ -277,7 +285,7 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
     masked, positions, labels = mask_genes(ids, n_masked, cls_id=vocab - 1)
     # The SimCSE views are two dropout passes over the same masked cells (the masking doubles as
     # augmentation, so no third, unmasked pass is needed); both run as one batch.
-    views = encode_cell_views(model, masked, mask, 2 if weights.cell_cell else 1)
+    views = encode_cell_views(model, masked, mask, 2 if weights.cell_cell else 1, cell_lengths)
     h1 = views[0]
     z1 = F.normalize(model.cell_proj(model.pool_cells(h1, mask)), dim=-1)
     parts = {}

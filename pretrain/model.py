@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from langcell.core.errors import LangCellError
 from langcell.pretrain.config import MINILM, CellEncoderConfig, ModelConfig, TextEncoderConfig
 from langcell.pretrain.langcell_layout import TEXT_UNUSED_KEYS, load_strict
+from langcell.pretrain.packing import PACKED_ATTENTION, encode_packed, right_padded_lengths
 from langcell.pretrain.warm_start import read_state_dict, resolve_pretrained, warm_start_cell
 
 POOLINGS = ("cls", "mean")
@@ -268,7 +269,8 @@ def build_cell_encoder(cfg: CellEncoderConfig):
                         attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
                         initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
                         pad_token_id=CELL_PAD_ID)
-    return BertModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
+    # SDPA for padded batches, and attention within each cell for packed ones (pretrain/packing.py).
+    return BertModel._from_config(config, attn_implementation=PACKED_ATTENTION, add_pooling_layer=False)
 
 
 class MLMHead(nn.Module):
@@ -331,8 +333,15 @@ class LangCellModel(nn.Module):
         return _pool(hidden, attention_mask, self.cell_pooling)
 
     def cell_states(self, input_ids, attention_mask):
-        """(pooled cell states [B,H], last hidden states [B,L,H]) of the cell encoder."""
-        hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """(pooled cell states [B,H], last hidden states [B,L,H]) of the cell encoder; computed on
+        the real tokens only (packed) when the encoder has packed attention and the batch is
+        right-padded."""
+        lengths = (right_padded_lengths(attention_mask)
+                   if self.cell_bert.config._attn_implementation == PACKED_ATTENTION else None)
+        if lengths is not None:
+            hidden = encode_packed(self.cell_bert, input_ids, lengths)
+        else:
+            hidden = self.cell_bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.pool_cells(hidden, attention_mask), hidden
 
     def encode_cells(self, input_ids, attention_mask):
@@ -390,8 +399,9 @@ class LangCellPretrainModel(LangCellModel):
             self.text_bert.gradient_checkpointing = True
 
     def forward(self, batch: dict, stage: int, weights, mask_prob: float, simcse_temperature: float,
-                n_masked: int | None = None, ctm_uniform_negatives: float = 0.0, ctm_balance_texts: bool = False):
+                n_masked: int | None = None, ctm_uniform_negatives: float = 0.0, ctm_balance_texts: bool = False,
+                cell_lengths: list[int] | None = None):
         from langcell.pretrain.losses import pretrain_losses
         return pretrain_losses(self, batch, stage, weights, mask_prob, simcse_temperature, n_masked,
-                               ctm_uniform_negatives, ctm_balance_texts)
+                               ctm_uniform_negatives, ctm_balance_texts, cell_lengths)
 

@@ -112,7 +112,8 @@ def test_zero_shot_retrieval_and_integration_pool_as_recorded(world, pooling, tm
     assert ret == pytest.approx(want[pooling]) and ret != pytest.approx(want[_other(pooling)])
     sil = integration(ctx, tmp_path)[0]["langcell"]["silhouette_label"]
     want = {p: M.silhouette_label(e.numpy(), ctx.y) for p, e in refs.items()}
-    assert sil == pytest.approx(want[pooling], abs=1e-5) and sil != pytest.approx(want[_other(pooling)], abs=1e-3)
+    # Packed (inference) and padded (the reference above) attention differ in rounding only.
+    assert sil == pytest.approx(want[pooling], abs=5e-4) and sil != pytest.approx(want[_other(pooling)], abs=5e-3)
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)

@@ -12,6 +12,7 @@ Cell lengths come from the host (the collate knows them), so packing never waits
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ def pack_cells(input_ids: torch.Tensor, lengths: list[int]) -> PackedCells:
     if len(lengths) != b or max(lengths, default=0) > length or min(lengths, default=1) < 1:
         raise ValueError(f"cell lengths {lengths} do not fit a batch of shape {tuple(input_ids.shape)}")
     lens = torch.tensor(lengths)
-    offsets = [0] + torch.cumsum(lens, 0).tolist()
+    offsets = list(itertools.accumulate(lengths, initial=0))
     starts = torch.repeat_interleave(torch.tensor(offsets[:-1]), lens)
     within = torch.arange(offsets[-1]) - starts
     rows = torch.repeat_interleave(torch.arange(b), lens)

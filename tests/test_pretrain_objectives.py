@@ -353,8 +353,8 @@ def test_matching_head_learns_to_tell_true_descriptions_on_separable_types(tmp_p
 def test_a_training_step_never_reads_a_tensor_on_the_host(monkeypatch):
     """With the counts the trainer gives it (genes to mask, rows with text), the project's
     objectives never turn a tensor into a Python value in forward or backward: on a GPU each such
-    read would make the step wait for the device. (transformers' BertModel still checks once per
-    cell-encoder pass whether the padding mask is all ones; that read is its own.)"""
+    read would make the step wait for the device. The cells run packed, as in training, with
+    their lengths counted on the host (a padded pass has transformers check its mask instead)."""
     import traceback
 
     model = _model()
@@ -362,6 +362,7 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(monkeypatch):
     batch = _batch(model, cells, CHOSEN + [[]], [True, True, False, True, True, False])
     batch["text_rows"] = batch["has_text"].nonzero().squeeze(1)
     n_masked = masked_gene_count(batch["cell_ids"], 0.15, cls_id=VOCAB - 1)
+    lengths = batch["cell_mask"].sum(1).tolist()
     reads = []
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
         original = getattr(torch.Tensor, name)
@@ -373,7 +374,8 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(monkeypatch):
             return _original(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, spy)
     torch.manual_seed(0)
-    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05, n_masked=n_masked)
+    total, parts = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05, n_masked=n_masked,
+                                   cell_lengths=lengths)
     total.backward()
     monkeypatch.undo()
     assert reads == []

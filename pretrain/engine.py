@@ -236,6 +236,8 @@ def pretrain(config: str | os.PathLike | PretrainConfig, data: str | os.PathLike
     model_cfg = load_model_config(cfg.model)
     stage_cfg = cfg.stage(stage)
     rank, world, on_gpu = _init_distributed()
+    if not on_gpu:
+        _return_freed_blocks_to_the_os()
     ds_cfg = load_deepspeed_config(deepspeed_config or cfg.deepspeed_config, on_gpu)
     from langcell.pretrain.model import load_text_tokenizer, resolve_text_model_path
     from langcell.pretrain.warm_start import check_cell_checkpoint
@@ -518,6 +520,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- export
+def _return_freed_blocks_to_the_os() -> None:
+    """On glibc, give every block of 1 MiB or more its own mapping, returned to the OS when freed.
+    glibc otherwise raises that threshold as large blocks are freed, and the per-cell attention
+    buffers of packed cells (a few MB each) then stay in the heap: stage 1 of the demo peaked at
+    4.8 GB of resident memory instead of 3.4 GB over the same 22 steps."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator has its own policy
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def checkpoint_tags(run: str | os.PathLike, stage: int) -> list[tuple[int, str]]:
     """(step, tag) of every checkpoint a stage of RUN still holds, in step order."""
     tags = sorted(p.name for p in (Path(run) / f"stage{stage}" / "checkpoints").glob("step*") if p.is_dir())

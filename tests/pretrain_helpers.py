@@ -76,3 +76,17 @@ def _port() -> int:
 def read_metrics(path: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cell_type_batch(model, ids, mask, texts: list[str]) -> dict:
+    """A stage-2 batch whose cells each have one text naming their cell type (one aspect)."""
+    import torch
+    unique = list(dict.fromkeys(texts))
+    t_ids, t_mask = model.tokenize_texts(unique)
+    codes = torch.zeros(len(texts), 7, dtype=torch.long)
+    codes[:, 0] = torch.tensor([unique.index(t) + 1 for t in texts])
+    aspects = torch.zeros(len(texts), 7, dtype=torch.bool)
+    aspects[:, 0] = True
+    return {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
+            "text_index": codes[:, 0] - 1, "has_text": torch.ones(len(texts), dtype=torch.bool),
+            "term_codes": codes, "text_aspects": aspects}

@@ -15,7 +15,7 @@ from langcell.pretrain.losses import mask_genes, masked_gene_count, mlm_loss
 from langcell.pretrain.model import LangCellPretrainModel, MLMHead, load_text_tokenizer, resolve_text_model_path
 from langcell.core.config import from_dict
 from langcell.core.errors import LangCellError
-from tests.pretrain_helpers import MODEL, VOCAB
+from tests.pretrain_helpers import MODEL, VOCAB, cell_type_batch
 
 
 def _tiny_model(seed=0, pooling="cls") -> LangCellPretrainModel:
@@ -181,15 +181,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model = _tiny_model().train()
         if checkpointing:
             model.enable_activation_checkpointing()
-        unique = list(dict.fromkeys(texts))
-        t_ids, t_mask = model.tokenize_texts(unique)
-        codes = torch.zeros(6, 7, dtype=torch.long)
-        codes[:, 0] = torch.tensor([unique.index(t) + 1 for t in texts])
-        aspects = torch.zeros(6, 7, dtype=torch.bool)
-        aspects[:, 0] = True
-        batch = {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
-                 "text_index": codes[:, 0] - 1, "has_text": torch.ones(6, dtype=torch.bool),
-                 "term_codes": codes, "text_aspects": aspects}
+        batch = cell_type_batch(model, ids, mask, texts)
         torch.manual_seed(5)
         total, _ = pretrain_losses(model, batch, 2, LossWeights(), 0.15, 0.05)
         total.backward()

@@ -13,7 +13,7 @@ from langcell.pretrain.config import LossWeights, ModelConfig
 from langcell.pretrain.losses import pretrain_losses
 from langcell.pretrain.model import LangCellPretrainModel, load_text_tokenizer
 from langcell.pretrain.packing import encode_packed, pack_cells, unpack
-from tests.pretrain_helpers import MODEL, VOCAB
+from tests.pretrain_helpers import MODEL, VOCAB, cell_type_batch
 
 LENGTHS = [24, 9, 17, 3]
 
@@ -71,16 +71,7 @@ def test_packed_states_and_gradients_equal_the_padded_masked_bert():
 def test_pretrain_losses_packed_equal_padded(stage):
     model = _model()
     ids, mask = _cells()
-    texts = ["A T cell.", "A B cell.", "A T cell.", "A monocyte."]
-    unique = list(dict.fromkeys(texts))
-    t_ids, t_mask = model.tokenize_texts(unique)
-    codes = torch.zeros(4, 7, dtype=torch.long)
-    codes[:, 0] = torch.tensor([unique.index(t) + 1 for t in texts])
-    aspects = torch.zeros(4, 7, dtype=torch.bool)
-    aspects[:, 0] = True
-    batch = {"cell_ids": ids, "cell_mask": mask, "text_ids": t_ids, "text_mask": t_mask,
-             "text_index": codes[:, 0] - 1, "has_text": torch.ones(4, dtype=torch.bool),
-             "term_codes": codes, "text_aspects": aspects}
+    batch = cell_type_batch(model, ids, mask, ["A T cell.", "A B cell.", "A T cell.", "A monocyte."])
     weights = LossWeights() if stage == 2 else LossWeights(cell_text=0.0, ctm=0.0)
     values = []
     for lengths in (None, LENGTHS):

@@ -336,12 +336,13 @@ def _train(cfg, model_cfg, stage, stage_cfg, ds_cfg, shards, run, sdir, ckpt_dir
             stream_position = {"window": json.loads(began) if began else stream_position["window"],
                                "consumed": consumed}
             n_masked = masked_gene_count(batch["cell_ids"], cfg.mask_prob, cls_id=model.cell_bert.config.vocab_size - 1)
-            flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim,
-                               batch_shapes(batch, stage, stage_cfg.losses, n_masked))
+            shapes = batch_shapes(batch, stage, stage_cfg.losses, n_masked)
+            flops = step_flops(model.cell_bert.config, text_config, model_cfg.proj_dim, shapes)
             window.update(cells=window["cells"] + batch["cell_ids"].shape[0],
                           tokens=window["tokens"] + int(batch["n_tokens"]),
                           padded=window["padded"] + int(batch["n_padded"]), flops=window["flops"] + flops)
-            lengths = batch["cell_mask"].sum(1).tolist() if cfg.pack_cells else None
+            # The cells' real lengths, counted on the host for the FLOP count, pack them.
+            lengths = shapes.cell_lengths if cfg.pack_cells else None
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             torch.manual_seed(_seed(cfg.seed, stage, step, micro, rank))
             loss, parts = engine(batch, stage=stage, weights=stage_cfg.losses, mask_prob=cfg.mask_prob,
@@ -435,6 +436,21 @@ def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, 
     return summary
 
 
+def _return_freed_blocks_to_the_os() -> None:
+    """On glibc, give every block of 1 MiB or more its own mapping, returned to the OS when freed.
+    glibc otherwise raises that threshold as large blocks are freed, and the per-cell attention
+    buffers of packed cells (a few MB each) then stay in the heap: stage 1 of the demo peaked at
+    4.8 GB of resident memory instead of 3.4 GB over the same 22 steps."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator has its own policy
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def _peak_memory_gb(on_gpu: bool) -> float:
     """This rank's peak so far: memory torch allocated on its GPU, or on a CPU the peak resident
     size of its process (loader workers are processes of their own)."""
@@ -520,21 +536,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def _return_freed_blocks_to_the_os() -> None:
-    """On glibc, give every block of 1 MiB or more its own mapping, returned to the OS when freed.
-    glibc otherwise raises that threshold as large blocks are freed, and the per-cell attention
-    buffers of packed cells (a few MB each) then stay in the heap: stage 1 of the demo peaked at
-    4.8 GB of resident memory instead of 3.4 GB over the same 22 steps."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator has its own policy
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
 def checkpoint_tags(run: str | os.PathLike, stage: int) -> list[tuple[int, str]]:
     """(step, tag) of every checkpoint a stage of RUN still holds, in step order."""
     tags = sorted(p.name for p in (Path(run) / f"stage{stage}" / "checkpoints").glob("step*") if p.is_dir())

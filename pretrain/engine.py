@@ -441,9 +441,12 @@ def _return_freed_blocks_to_the_os() -> None:
     glibc otherwise raises that threshold as large blocks are freed, and the per-cell attention
     buffers of packed cells then stay in the heap: 30 steps of the demo's stage 1 peaked at 4.9 GB
     of resident memory instead of 3.5 GB. A lower threshold (1 MiB) saves no more there and costs
-    stage 2 (many 1-4 MiB tensors) a third of its speed in page faults."""
+    stage 2 (many 1-4 MiB tensors) a third of its speed in page faults. A threshold the user set
+    through glibc's own environment variables is left as it is."""
     import ctypes
 
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: its allocator has its own policy

@@ -438,11 +438,12 @@ def _finish_stage(ckpt_dir: Path, run: Path, sdir: Path, stage: int, rank: int, 
 
 def _return_freed_blocks_to_the_os() -> None:
     """On glibc, give every block of 4 MiB or more its own mapping, returned to the OS when freed.
-    glibc otherwise raises that threshold as large blocks are freed, and the per-cell attention
-    buffers of packed cells then stay in the heap: 30 steps of the demo's stage 1 peaked at 4.9 GB
-    of resident memory instead of 3.5 GB. A lower threshold (1 MiB) saves no more there and costs
-    stage 2 (many 1-4 MiB tensors) a third of its speed in page faults. A threshold the user set
-    through glibc's own environment variables is left as it is."""
+    glibc otherwise raises that threshold (to 32 MiB) as large blocks are freed, and the per-cell
+    attention buffers of packed cells then stay in the heap. 30 steps of the demo's stage 1
+    (benchmarks/bench_malloc.py): 3.5 GB peak resident memory at 4 MiB, 4.6-4.75 GB at 32 MiB,
+    which runs them 17% faster; 1 MiB saves 0.1 GB more and costs stage 2 a fifth to a third of
+    its speed in page faults. A threshold the user set through glibc's environment variables is
+    left as it is."""
     import ctypes
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):

@@ -9,7 +9,10 @@ demo's library, the thresholds alternating, `--repeats` times. Reported: cells/s
 logs it (mean over the run), the process's peak resident memory and its system CPU time (page
 faults of fresh mappings land there).
 
-    .venv/bin/python -m benchmarks.bench_malloc --demo-dir bench_out/demo/seed2 [--no-record]
+    .venv/bin/python -m benchmarks.bench_malloc [--demo-dir bench_out/demo/seed1] [--no-record]
+
+The demo folder defaults to the one `benchmarks.bench_demo` leaves (it runs first in `make bench`);
+one without a finished stage 1 is completed first with `langcell demo --seed 1`.
 """
 
 from __future__ import annotations
@@ -57,13 +60,16 @@ def run_stage(demo: Path, stage: int, steps: int, threshold: int | None) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_malloc", description=__doc__.splitlines()[0])
-    parser.add_argument("--demo-dir", required=True, type=Path,
-                        help="a finished `langcell demo` output (its sclibrary/ and run/stage1/)")
+    parser.add_argument("--demo-dir", type=Path, default=REPO / "bench_out" / "demo" / "seed1",
+                        help="a `langcell demo --seed 1` output (its sclibrary/ and run/stage1/)")
     parser.add_argument("--stage1-steps", type=int, default=30)
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
+    if not (args.demo_dir / "run" / "stage1" / "done.json").is_file():
+        subprocess.run([sys.executable, "-m", "langcell.cli", "demo", "--out", str(args.demo_dir), "--seed", "1"],
+                       cwd=REPO, check=True)
     results = {(name, stage): [] for name in THRESHOLDS for stage in (1, 2)}
     for _ in range(args.repeats):
         for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):

@@ -58,6 +58,11 @@ def run_stage(demo: Path, stage: int, steps: int, threshold: int | None) -> dict
             "sys_s": after.ru_stime - before.ru_stime}
 
 
+def _each(runs: list[dict], key: str, fmt: str) -> str:
+    """One table cell: every repeat's value, in run order."""
+    return " / ".join(format(r[key], fmt) for r in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_malloc", description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, default=REPO / "bench_out" / "demo" / "seed1",
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Command: `.venv/bin/python -m benchmarks.bench_malloc --demo-dir {args.demo_dir} --stage1-steps "
         f"{args.stage1_steps} --stage2-steps {args.stage2_steps} --repeats {args.repeats}` "
-        f"({datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} cores, alone on the machine). "
+        f"({datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} cores). "
         "Whole `langcell pretrain` processes of the demo config (seed 1) on that demo's library; stage 2 starts "
         "from its stage 1. Each cell: the runs in order, thresholds alternating.",
         "",
@@ -87,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     for (name, stage), runs in results.items():
-        def cell(key, fmt):
-            return " / ".join(format(r[key], fmt) for r in runs)
-        lines.append(f"| {name} | {stage} | {cell('cells_per_s', '.1f')} | {cell('peak_gb', '.2f')} | "
-                     f"{cell('sys_s', '.1f')} |")
+        lines.append(f"| {name} | {stage} | {_each(runs, 'cells_per_s', '.1f')} | {_each(runs, 'peak_gb', '.2f')} | "
+                     f"{_each(runs, 'sys_s', '.1f')} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

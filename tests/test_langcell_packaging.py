@@ -29,8 +29,7 @@ def test_every_package_is_inside_langcell_and_every_folder_is_packaged():
     assert on_disk <= packages
     # The rest are data folders (no code), each with its files named in package-data.
     for package in packages - on_disk:
-        stage, *rest = package.split(".")[1:]
-        folder = REPO.joinpath(stage, *rest)
+        folder = REPO.joinpath(*package.split(".")[1:])
         assert folder.is_dir() and not list(folder.glob("*.py")), package
         assert package in tool["package-data"], package
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def _run_parts(task: _PartTask, pending: list[dict[str, Any]], manifest: dict[st
 
 def _run_pool(task, pending, record, bar, workers) -> None:
     # spawn: a forked child would inherit the parent's TileDB threads and their locks.
-    context = multiprocessing.get_context("spawn")
+    context = _TrackedContext(multiprocessing.get_context("spawn"))
     queue = context.Queue()
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
                                                 initializer=_worker_init, initargs=(queue,)) as pool:
@@ -60,12 +61,44 @@ def _run_pool(task, pending, record, bar, workers) -> None:
                     record(future.result())
             _drain(queue, bar)
         except concurrent.futures.process.BrokenProcessPool:
-            raise LangCellError("ingest worker process died (killed, or out of memory); rerun the same command to "
-                                "resume, with a smaller --chunk-counts or fewer --workers if memory is short") from None
+            raise LangCellError(f"ingest worker process died ({context.deaths()}); rerun the same command to resume, "
+                                "with a smaller --chunk-counts or fewer --workers if memory is short") from None
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+
+
+
+class _TrackedContext:
+    """A multiprocessing context that remembers the processes it starts, so that a broken pool
+    can say how its workers ended (the executor keeps that to itself)."""
+
+    def __init__(self, context):
+        self._context = context
+        self._processes: list = []
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    def Process(self, *args, **kwargs):
+        process = self._context.Process(*args, **kwargs)
+        self._processes.append(process)
+        return process
+
+    def deaths(self) -> str:
+        """How the workers that did not exit cleanly ended: a signal (SIGKILL: most often the
+        kernel's out-of-memory killer; SIGSEGV: a crash in native code, traceback above) or an
+        exit code."""
+        ends = {}
+        for process in self._processes:
+            process.join(timeout=5)
+            if process.exitcode:
+                code = process.exitcode
+                ends[process.pid] = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+        # The pool stops the surviving workers with SIGTERM once one has died.
+        first = {pid: end for pid, end in ends.items() if end != "SIGTERM"} or ends
+        return "; ".join(f"pid {pid}: {end}" for pid, end in first.items()) or "killed, or out of memory"
 
 
 
@@ -85,6 +118,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(queue) -> None:
+    import faulthandler
+
+    # A worker that dies in native code (TileDB, Arrow, numba) prints where, in the run's stderr.
+    faulthandler.enable()
     _WORKER["queue"] = queue
 
 

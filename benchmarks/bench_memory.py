@@ -6,7 +6,11 @@ pass of the stage's objectives on N synthetic cells of L tokens (packed, as trai
 and reports its peak resident memory above what it held before the pass. Two sizes per case
 give the memory per token (the slope: activations; parameter gradients and the rest do not grow
 with tokens), which is then scaled to the config's tokens per micro-batch. CPU figures are fp32;
-in bf16 on a GPU the activations take about half. `base`'s text encoder is BERT-base-shaped with
+in bf16 on a GPU the activations take about half. With attention dropout (every config's cell
+encoder) SDPA runs its math path on a CPU, which keeps each cell's heads x L x L probabilities
+and dropout mask for backward; a GPU runs the same call with its flash kernel, dropout included,
+which keeps O(L) per cell. The case "fused" measures that: the cell encoder's attention dropout
+set to 0, so that the CPU's own flash kernel runs. `base`'s text encoder is BERT-base-shaped with
 random weights (BiomedBERT cannot be downloaded here; its activations have the same shapes).
 
     .venv/bin/python -m benchmarks.bench_memory [--configs tiny demo base] [--no-record]
@@ -50,7 +54,7 @@ def _model_config(config: str):
     return cfg
 
 
-def measure_one(config: str, stage: int, checkpointing: bool, cells: int, length: int) -> float:
+def measure_one(config: str, stage: int, checkpointing: bool, cells: int, length: int, fused: bool = False) -> float:
     """Peak MB above the starting resident memory of one forward+backward (run in its own process)."""
     import torch
 
@@ -61,6 +65,8 @@ def measure_one(config: str, stage: int, checkpointing: bool, cells: int, length
     torch.manual_seed(0)
     pcfg = load_pretrain_config(config)
     mcfg = _model_config(config)
+    if fused:
+        mcfg.cell.attention_probs_dropout_prob = 0.0
     model = LangCellPretrainModel(mcfg, with_text=stage == 2, warm_start=False).train()
     if checkpointing:
         model.enable_activation_checkpointing()
@@ -89,10 +95,10 @@ def measure_one(config: str, stage: int, checkpointing: bool, cells: int, length
     return (_rss_kb("VmHWM") - before) / 1024
 
 
-def _run(config: str, stage: int, checkpointing: bool, cells: int, length: int) -> float:
+def _run(config: str, stage: int, checkpointing: bool, cells: int, length: int, fused: bool) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--one", config, str(stage),
-                          str(int(checkpointing)), str(cells), str(length)],
+                          str(int(checkpointing)), str(cells), str(length), str(int(fused))],
                          cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["mb"]
 
@@ -107,21 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(SIZES))
     parser.add_argument("--no-record", action="store_true")
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        config, stage, ckpt, cells, length = args.one
-        print(json.dumps({"mb": measure_one(config, int(stage), bool(int(ckpt)), int(cells), int(length))}))
+        config, stage, ckpt, cells, length, fused = args.one
+        print(json.dumps({"mb": measure_one(config, int(stage), bool(int(ckpt)), int(cells), int(length),
+                                            bool(int(fused)))}))
         return 0
     rows = []
     for config in args.configs:
         length, cells = SIZES[config]
         budget = _micro_batch_tokens(config)
         for stage in (1, 2):
-            for ckpt in (False, True):
-                small, large = _run(config, stage, ckpt, cells, length), _run(config, stage, ckpt, 2 * cells, length)
+            for ckpt, fused in ((False, False), (True, False), (False, True)):
+                small = _run(config, stage, ckpt, cells, length, fused)
+                large = _run(config, stage, ckpt, 2 * cells, length, fused)
                 per_k = (large - small) / (cells * length) * 1024
-                rows.append({"config": config, "stage": stage, "checkpointing": ckpt, "small_mb": small,
+                rows.append({"config": config, "stage": stage, "checkpointing": ckpt, "fused": fused, "small_mb": small,
                              "large_mb": large, "mb_per_1k_tokens": per_k, "budget": budget,
                              "at_budget_gb": per_k * budget / 1024 / 1024})
                 print(json.dumps(rows[-1]), flush=True)
@@ -143,12 +151,18 @@ def _report(args, rows: list[dict]) -> str:
         "do not grow with tokens); at budget = that slope x the config's tokens per micro-batch "
         "(`data.tokens_per_batch`, else micro_batch_size x max_length). Stage 2 counts all four objectives.",
         "",
-        "| config | stage | checkpointing | peak MB (N cells) | peak MB (2N cells) | MB per 1k tokens | tokens per micro-batch | activations at budget, GB fp32 |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| config | stage | checkpointing | cell attention | peak MB (N cells) | peak MB (2N cells) | MB per 1k tokens | tokens per micro-batch | activations at budget, GB fp32 |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['stage']} | {'on' if r['checkpointing'] else 'off'} | {r['small_mb']:.0f} | "
+        attention = "fused (dropout 0)" if r["fused"] else "math (dropout)"
+        lines.append(f"| {r['config']} | {r['stage']} | {'on' if r['checkpointing'] else 'off'} | {attention} | {r['small_mb']:.0f} | "
                      f"{r['large_mb']:.0f} | {r['mb_per_1k_tokens']:.1f} | {r['budget']:,} | {r['at_budget_gb']:.2f} |")
+    lines += ["", "Cell attention: \"math (dropout)\" is the config as it runs on a CPU, where attention dropout keeps "
+              "SDPA on its math path, which stores every cell's heads x L x L probabilities and dropout mask for "
+              "backward. \"fused (dropout 0)\" sets the cell encoder's attention dropout to 0 so that the CPU runs "
+              "its flash kernel, which stores O(L) per cell: what a GPU's flash kernel stores with the dropout "
+              "applied inside the kernel, so those rows stand for a GPU's activations (in fp32)."]
     return "\n".join(lines)
 
 

@@ -25,8 +25,7 @@ from langcell.ingest.census_store import Source, _plain_type
 from langcell.ingest.retry import with_retries
 
 # Test hook: "EVENT:K" SIGKILLs the process the K-th time EVENT happens, so tests can kill a run
-# at exactly the moments that matter (mid-part, after a rename but before the manifest update);
-# "EVENT:K:SIGNAL" sends that signal instead (SIGSEGV: a crash in native code).
+# at exactly the moments that matter (mid-part, after a rename but before the manifest update).
 CRASH_ENV = "LANGCELL_INGEST_CRASH_AT"
 
 
@@ -246,6 +245,5 @@ def _crash_point(event: str) -> None:
     if not spec or not spec.startswith(event + ":"):
         return
     _CRASH_COUNTS[event] = _CRASH_COUNTS.get(event, 0) + 1
-    _, count, *name = spec.split(":")
-    if _CRASH_COUNTS[event] == int(count):
-        os.kill(os.getpid(), signal.Signals[name[0]] if name else signal.SIGKILL)
+    if _CRASH_COUNTS[event] == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -248,15 +248,6 @@ def test_a_killed_worker_is_reported_and_resumed(store, reference, tmp_path, mon
     assert folder_digest(out) == folder_digest(reference)
 
 
-def test_a_worker_crash_in_native_code_is_named_with_its_traceback(store, tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv(CRASH_ENV, "chunk_written:1:SIGSEGV")
-    with pytest.raises(LangCellError, match=r"worker process died \(pid \d+: SIGSEGV.*\); rerun the same command"):
-        ingest_census(tmp_path / "segv", uri=store, cells_per_part=60, chunk_cells=25, workers=2, progress=False)
-    stderr = capfd.readouterr().err
-    assert "Fatal Python error: Segmentation fault" in stderr
-    assert "_crash_point" in stderr  # the Python frames of the crash, from the worker's faulthandler
-
-
 def test_rerun_with_other_arguments_is_refused(store, reference, tmp_path):
     out = tmp_path / "args"
     ingest_census(out, uri=store, max_cells=100, cells_per_part=60, progress=False)

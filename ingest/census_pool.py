@@ -96,9 +96,8 @@ class _TrackedContext:
             if process.exitcode:
                 code = process.exitcode
                 ends[process.pid] = signal.Signals(-code).name if code < 0 else f"exit code {code}"
-        # The pool stops the surviving workers with SIGTERM once one has died.
-        first = {pid: end for pid, end in ends.items() if end != "SIGTERM"} or ends
-        return "; ".join(f"pid {pid}: {end}" for pid, end in first.items()) or "killed, or out of memory"
+        # SIGTERM: the pool stopping the other workers once one has died.
+        return "; ".join(f"pid {pid}: {end}" for pid, end in ends.items()) or "killed, or out of memory"
 
 
 

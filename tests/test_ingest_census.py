@@ -240,7 +240,7 @@ def test_two_workers_equal_one(store, reference, tmp_path):
 def test_a_killed_worker_is_reported_and_resumed(store, reference, tmp_path, monkeypatch):
     out = tmp_path / "worker-killed"
     monkeypatch.setenv(CRASH_ENV, "chunk_written:2")  # each spawned worker SIGKILLs itself mid-part
-    with pytest.raises(LangCellError, match=r"worker process died \(pid \d+: SIGKILL.*\); rerun the same command to resume"):
+    with pytest.raises(LangCellError, match=r"worker process died \(.*\); rerun the same command to resume"):
         ingest_census(out, uri=store, cells_per_part=60, chunk_cells=25, workers=2, progress=False)
     assert not any(p["status"] == "done" for p in json.loads((out / "manifest.json").read_text())["parts"])
     monkeypatch.delenv(CRASH_ENV)

@@ -93,8 +93,8 @@ class _TrackedContext:
         ends = {}
         for process in self._processes:
             process.join(timeout=5)
-            if process.exitcode:
-                code = process.exitcode
+            code = process.exitcode
+            if code:
                 ends[process.pid] = signal.Signals(-code).name if code < 0 else f"exit code {code}"
         # SIGTERM: the pool stopping the other workers once one has died.
         return "; ".join(f"pid {pid}: {end}" for pid, end in ends.items()) or "killed, or out of memory"

@@ -296,7 +296,8 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
         parts["cell_cell"] = cell_cell_contrastive(z1, z2, simcse_temperature)
     if stage == 2 and (weights.cell_text or weights.ctm):
         has_text, index = batch["has_text"], batch["text_index"]
-        text_emb = model.encode_texts(batch["text_ids"], batch["text_mask"])[index]
+        # index_select: its backward is deterministic on a CPU (advanced indexing's is not)
+        text_emb = model.encode_texts(batch["text_ids"], batch["text_mask"]).index_select(0, index)
         scale = model.logit_scale.clamp(max=MAX_LOG_SCALE).exp()
         codes, aspects = batch["term_codes"], batch["text_aspects"]
         if weights.cell_text:

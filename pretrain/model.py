@@ -53,8 +53,11 @@ class _SelfAttention(nn.Module):
         key, value = self.key(kv), self.value(kv)
         if kv_index is not None:
             # Row i of x attends to kv[kv_index[i]]: keys and values are projected once per cell
-            # and gathered, not once per (cell, text) pair.
-            key, value, kv_mask = key[kv_index], value[kv_index], kv_mask[kv_index]
+            # and gathered, not once per (cell, text) pair. index_select, not kv[kv_index]: on a
+            # CPU the backward of advanced indexing accumulates in a thread-dependent order, so
+            # the same seed would not give the same run.
+            key, value = key.index_select(0, kv_index), value.index_select(0, kv_index)
+            kv_mask = kv_mask.index_select(0, kv_index)
         # kv_mask: [B, Lk] with 1 = attend; SDPA takes a boolean mask broadcast over heads/queries.
         out = F.scaled_dot_product_attention(
             split(self.query(x)), split(key), split(value),

@@ -242,3 +242,27 @@ def test_matching_pairs_by_cell_index_equal_copied_cells():
     assert g_copied.keys() == g_indexed.keys() and "cell_bert.embeddings.word_embeddings.weight" in g_copied
     for name in g_copied:
         assert torch.allclose(g_copied[name], g_indexed[name], atol=1e-5), name
+
+
+def test_matching_gradients_are_the_same_every_time_on_cpu_threads():
+    """A seed gives one run: the matching pass's gather of each pair's cell states backpropagates
+    in a fixed order (advanced indexing's backward on a CPU accumulates in the order its threads
+    finish, and runs of one seed drifted apart from the first steps of stage 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _tiny_model().eval()
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(32, 128, 32, generator=g, requires_grad=True)
+        mask = torch.ones(32, 128, dtype=torch.long)
+        t_ids, t_mask = model.tokenize_texts(["A T cell.", "A B cell from the blood.", "A monocyte."] * 32)
+        cells = torch.randint(0, 32, (96,), generator=g)
+        upstream = torch.randn(96, 2, generator=g)
+        grads = []
+        for _ in range(8):
+            hidden.grad = None
+            (model.match_logits(hidden, mask, t_ids, t_mask, cell_index=cells) * upstream).sum().backward()
+            grads.append(hidden.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])

@@ -111,7 +111,9 @@ def silhouette_label(emb: np.ndarray, labels) -> float:
     labels = np.asarray(labels)
     if len(set(labels)) < 2:
         return float("nan")
-    return float((silhouette_score(emb, labels, metric="cosine") + 1) / 2)
+    # float64: cosine distances of float32 embeddings that lie close together (an untrained or
+    # collapsed model) keep few digits, and the score then moves with the BLAS's rounding.
+    return float((silhouette_score(np.asarray(emb, dtype=np.float64), labels, metric="cosine") + 1) / 2)
 
 
 def silhouette_batch(emb: np.ndarray, labels, batches) -> float:
@@ -119,7 +121,7 @@ def silhouette_batch(emb: np.ndarray, labels, batches) -> float:
     labels that have at least two batches; 1 = batches fully mixed."""
     from sklearn.metrics import silhouette_samples
 
-    labels, batches = np.asarray(labels), np.asarray(batches)
+    labels, batches, emb = np.asarray(labels), np.asarray(batches), np.asarray(emb, dtype=np.float64)
     scores = []
     for lab in np.unique(labels):
         sel = labels == lab

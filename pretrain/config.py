@@ -168,12 +168,6 @@ class PretrainConfig:
     # BLIP's unweighted pairs). Hard negatives make confusable descriptions non-matches far more
     # often than distinctive ones, and the head learns that prior from the text alone.
     ctm_balance_texts: bool = False
-    # Up to this many descriptions of other cells of the loader's window (distinct, none the
-    # batch holds) join every cell's candidate negative texts for the matching head (0 = only
-    # the batch's, BLIP's). Zero-shot scoring asks the head about every type, but a small batch
-    # holds few: pairs it never saw as negatives (a B cell with the precursor text) it calls
-    # matches.
-    ctm_window_texts: int = 0
     deepspeed_config: str = "zero2.json"
     # Run the cell encoder on each batch's real tokens only (pretrain/packing.py): the same
     # outputs as the padded batch, no compute spent on padding. false: padded batches.
@@ -217,9 +211,6 @@ def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None
     cfg = from_dict(PretrainConfig, data, str(path))
     if not 0 <= cfg.seed < 2**63:
         raise LangCellError(f"{path}: seed {cfg.seed} is out of range; use an integer from 0 to 2**63 - 1")
-    if cfg.ctm_window_texts < 0:
-        raise LangCellError(f"{path}: ctm_window_texts is {cfg.ctm_window_texts}; it counts descriptions, "
-                            "set 0 or more")
     if not 0.0 <= cfg.ctm_uniform_negatives <= 1.0:
         raise LangCellError(f"{path}: ctm_uniform_negatives is {cfg.ctm_uniform_negatives}; it is a share, "
                             "set it between 0 and 1")

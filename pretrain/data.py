@@ -225,9 +225,8 @@ class CellStream(torch.utils.data.IterableDataset):
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
                  start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False,
-                 tokens_per_batch: int | None = None, resume: dict | None = None, window_texts: int = 0):
+                 tokens_per_batch: int | None = None, resume: dict | None = None):
         super().__init__()
-        self.window_texts = window_texts
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.shuffle_buffer, self.bucket_batches = batch_size, shuffle_buffer, bucket_batches
@@ -277,14 +276,12 @@ class CellStream(torch.utils.data.IterableDataset):
             windows, skip, start = make_windows(self.resume["window"]), self.resume["consumed"], 0
         g = 0
         for state, batches in windows:
-            first, described = True, None
+            first = True
             for k, cells in enumerate(batches):
                 if k < skip:
                     continue
                 if g >= start and (g - start) % nw == wid:
-                    if self.window_texts and described is None:
-                        described = self._describe_window(batches)
-                    batch = self._collate(cells, described)
+                    batch = self._collate(cells)
                     batch["stream_batch"] = k
                     batch["stream_window"] = json.dumps(state) if first else ""
                     yield batch
@@ -381,7 +378,7 @@ class CellStream(torch.utils.data.IterableDataset):
         """(epoch, (shard, offset), sample, token ids): the ids decoded once, their bytes dropped."""
         return epoch, ref, sample, np.load(io.BytesIO(sample.pop("input_ids.npy")))[: self.max_length]
 
-    def _collate(self, cells, described=None) -> dict:
+    def _collate(self, cells) -> dict:
         lengths = [len(ids) for _, _, ids in cells]
         width = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
         cell_ids = torch.zeros(len(cells), width, dtype=torch.long)
@@ -391,30 +388,20 @@ class CellStream(torch.utils.data.IterableDataset):
                  "n_tokens": torch.tensor(sum(lengths)), "n_padded": torch.tensor(width * len(cells)),
                  "soma_joinid": torch.tensor([int(s["__key__"]) for _, s, _ in cells])}
         if self.with_text:
-            batch.update(self._collate_texts(cells, described))
+            batch.update(self._collate_texts(cells))
         return batch
 
-    def _description(self, epoch: int, sample: dict) -> tuple[str, list[int], list[bool]]:
-        """The cell's sampled description (the same every time the cell is read in an epoch),
-        its term codes and the aspects the description mentions."""
+    def _collate_texts(self, cells) -> dict:
         c = self.text_choice
-        rng = np.random.default_rng([self.seed, 3, epoch, int(sample["__key__"])])
-        texts = json.loads(sample["texts.json"])
-        text, aspects = choose_text(texts, rng, c.always, c.optional, c.keep_prob)
-        return text, term_codes(json.loads(sample["meta.json"]), texts), [a in aspects for a in ASPECT_ORDER]
-
-    def _collate_texts(self, cells, described=None) -> dict:
         unique: dict[str, int] = {}
         index, codes, mentioned = [], [], []
         for epoch, sample, _ in cells:
-            text, cell_codes, cell_mentioned = self._description(epoch, sample)
+            rng = np.random.default_rng([self.seed, 3, epoch, int(sample["__key__"])])
+            texts = json.loads(sample["texts.json"])
+            text, aspects = choose_text(texts, rng, c.always, c.optional, c.keep_prob)
             index.append(unique.setdefault(text, len(unique)) if text else -1)
-            codes.append(cell_codes)
-            mentioned.append(cell_mentioned)
-        extra = self._window_descriptions(cells, described, unique) if described else []
-        n_batch_texts = len(unique)
-        for text, _, _ in extra:
-            unique[text] = len(unique)
+            codes.append(term_codes(json.loads(sample["meta.json"]), texts))
+            mentioned.append([a in aspects for a in ASPECT_ORDER])
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
@@ -428,34 +415,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 # Listed here so that the matching objective's shapes are known on the host.
                 "text_rows": (index >= 0).nonzero().squeeze(1),
                 "term_codes": torch.tensor(codes, dtype=torch.long),
-                "text_aspects": torch.tensor(mentioned, dtype=torch.bool),
-                "extra_index": torch.arange(n_batch_texts, len(unique)),
-                "extra_codes": torch.tensor([c for _, c, _ in extra], dtype=torch.long).reshape(-1, len(ASPECT_ORDER)),
-                "extra_aspects": torch.tensor([m for _, _, m in extra], dtype=torch.bool).reshape(-1, len(ASPECT_ORDER))}
-
-    def _describe_window(self, batches) -> list:
-        """(cell key, description, term codes, mentioned aspects) of every cell of a window that has one."""
-        described = []
-        for batch in batches:
-            for epoch, sample, _ in batch:
-                text, codes, mentioned = self._description(epoch, sample)
-                if text:
-                    described.append((int(sample["__key__"]), text, codes, mentioned))
-        return described
-
-    def _window_descriptions(self, cells, described: list, taken: dict) -> list:
-        """Up to `window_texts` descriptions of other cells of the batch's window that the batch
-        does not hold, drawn at random among the distinct ones: negatives for the matching head
-        beyond the few types one batch holds."""
-        own = {int(sample["__key__"]) for _, sample, _ in cells}
-        found: dict[str, tuple] = {}
-        for key, text, codes, mentioned in described:
-            if key not in own and text not in taken and text not in found:
-                found[text] = (text, codes, mentioned)
-        rng = np.random.default_rng([self.seed, 7, min(own)])
-        chosen = sorted(rng.permutation(len(found))[: self.window_texts])
-        values = list(found.values())
-        return [values[i] for i in chosen]
+                "text_aspects": torch.tensor(mentioned, dtype=torch.bool)}
 
 
 def _short(value) -> str:

@@ -212,19 +212,16 @@ def balance_per_text(pair_texts: torch.Tensor, labels: torch.Tensor, weights: to
     matches. BLIP's draws make a text that is often a hard negative (one of several T-cell
     subtypes) a non-match far more often than a distinctive one; the head then learns from the
     text alone that some descriptions rarely match, and zero-shot scoring, which compares texts
-    for one cell, inherits that bias. Balanced, no text carries a prior of its own. A text no
-    pair of the batch matches (a description from the loader's window) keeps its weights: there
-    is nothing here to balance them against, and they are what teaches the head to reject it."""
+    for one cell, inherits that bias. Balanced, no text carries a prior of its own."""
     pos = labels.to(weights.dtype)
     pos_w = torch.zeros(n_texts, dtype=weights.dtype, device=weights.device).index_add(0, pair_texts, weights * pos)
     neg_w = torch.zeros_like(pos_w).index_add(0, pair_texts, weights * (1 - pos))
-    ratio = torch.where(pos_w > 0, pos_w / neg_w.clamp(min=1e-12), torch.ones_like(neg_w))
+    ratio = torch.where(neg_w > 0, pos_w / neg_w.clamp(min=1e-12), torch.zeros_like(neg_w))
     return torch.where(pos > 0, weights, weights * ratio[pair_texts])
 
 
 def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_index, text_rows, true,
-                       sim_c2t, logit_scale, uniform_negatives: float = 0.0, balance_texts: bool = False,
-                       extra_index=None, extra_true=None, sim_extra=None):
+                       sim_c2t, logit_scale, uniform_negatives: float = 0.0, balance_texts: bool = False):
     """Binary matching loss over the batch's (cell, own text) pairs, one hard negative text per
     cell and one hard negative cell per text (BLIP's 1:2), drawn from the local batch; with
     `balance_texts`, weighted so each distinct text is as often a non-match as a match.
@@ -240,18 +237,12 @@ def cell_text_matching(model, cell_hidden, cell_mask, text_ids, text_mask, text_
         logits = model.match_logits(cell_hidden[:1], cell_mask[:1], text_ids[:1], text_mask[:1])
         return logits.sum() * 0.0
     with torch.no_grad():
-        columns, candidates = text_index, ~true.t() & has_text[None, :]
-        if extra_index is not None and len(extra_index):
-            columns = torch.cat([text_index, extra_index])
-            candidates = torch.cat([candidates, ~extra_true.t()], dim=1)
-            sim_c2t_all = torch.cat([sim_c2t, sim_extra], dim=1)
-        else:
-            sim_c2t_all = sim_c2t
-        neg_text, valid_c = sample_hard_negatives(sim_c2t_all, candidates, logit_scale, uniform_negatives)
+        neg_text, valid_c = sample_hard_negatives(sim_c2t, ~true.t() & has_text[None, :], logit_scale,
+                                                  uniform_negatives)
         neg_cell, valid_t = sample_hard_negatives(sim_c2t.t(), ~true & has_text[None, :], logit_scale,
                                                   uniform_negatives)
         cells = torch.cat([text_rows, text_rows, neg_cell[text_rows]])
-        texts = torch.cat([text_index[text_rows], columns[neg_text[text_rows]], text_index[text_rows]])
+        texts = text_index[torch.cat([text_rows, neg_text[text_rows], text_rows])]
         n = len(text_rows)
         labels = torch.zeros(3 * n, dtype=torch.long, device=cell_hidden.device)
         labels[:n] = 1
@@ -306,8 +297,7 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
     if stage == 2 and (weights.cell_text or weights.ctm):
         has_text, index = batch["has_text"], batch["text_index"]
         # index_select: its backward is deterministic on a CPU (advanced indexing's is not)
-        all_text_emb = model.encode_texts(batch["text_ids"], batch["text_mask"])
-        text_emb = all_text_emb.index_select(0, index)
+        text_emb = model.encode_texts(batch["text_ids"], batch["text_mask"]).index_select(0, index)
         scale = model.logit_scale.clamp(max=MAX_LOG_SCALE).exp()
         codes, aspects = batch["term_codes"], batch["text_aspects"]
         if weights.cell_text:
@@ -315,15 +305,8 @@ def pretrain_losses(model, batch: dict, stage: int, weights, mask_prob: float, s
         if weights.ctm:
             true = truth_matrix(codes, aspects, has_text, codes, has_text)
             rows = batch["text_rows"] if "text_rows" in batch else has_text.nonzero().squeeze(1)
-            extra = {}
-            if "extra_index" in batch:
-                extra_index = batch["extra_index"]
-                extra = dict(extra_index=extra_index,
-                             extra_true=truth_matrix(batch["extra_codes"], batch["extra_aspects"],
-                                                     torch.ones_like(extra_index, dtype=torch.bool), codes, has_text),
-                             sim_extra=(z1 @ all_text_emb.index_select(0, extra_index).t()).detach())
             parts["ctm"] = cell_text_matching(model, h1, mask, batch["text_ids"], batch["text_mask"], index,
                                               rows, true, (z1 @ text_emb.t()).detach(), scale.detach(),
-                                              ctm_uniform_negatives, ctm_balance_texts, **extra)
+                                              ctm_uniform_negatives, ctm_balance_texts)
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

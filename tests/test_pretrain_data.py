@@ -11,7 +11,7 @@ import torch
 
 from langcell.core.errors import LangCellError
 from langcell.pretrain.config import TextChoiceConfig
-from langcell.pretrain.data import ASPECT_ORDER, CellStream, choose_text, length_targets, library_shards
+from langcell.pretrain.data import CellStream, choose_text, length_targets, library_shards
 from langcell.pretrain.model import resolve_text_model_path
 from langcell.pretrain.synthetic import write_synthetic_library
 from langcell.pretrain.tar_reader import ShardReader
@@ -277,41 +277,3 @@ def test_token_budget_refuses_batches_of_one_and_a_buffer_that_keeps_growing(tmp
     with pytest.raises(LangCellError, match=r"^data.shuffle_buffer: rank 0 read 512 cells without finding 32 of "
                                             r"at most 16 tokens"):
         _take(stream, 8)
-
-
-def test_window_texts_add_descriptions_of_other_cells_of_the_window_that_the_batch_lacks(tmp_path):
-    from transformers import AutoTokenizer
-    lib = write_synthetic_library(tmp_path / "lib", n_cells=96, n_shards=1, vocab_size=600, min_len=12, max_len=20,
-                                  unlabelled_every=4)
-    kw = dict(with_text=True, tokenizer_path=resolve_text_model_path("all-MiniLM-L6-v2"),
-              text_choice=TextChoiceConfig(), batch_size=8, bucket_batches=4)
-    tok = AutoTokenizer.from_pretrained(kw["tokenizer_path"])
-    plain = _take(_stream(lib, **kw), 8)
-    extra = _take(_stream(lib, window_texts=3, **kw), 8)
-    assert _take(_stream(lib, window_texts=3, **kw), 8, workers=2)[5]["extra_index"].tolist() == \
-        extra[5]["extra_index"].tolist()
-    decode = lambda b: tok.batch_decode(b["text_ids"], skip_special_tokens=True)  # noqa: E731
-    n_extra = []
-    for w in range(2):  # two windows of 4 batches
-        window = plain[4 * w:4 * w + 4]
-        described = {}  # description -> codes of the cells that got it
-        for b in window:
-            texts = decode(b)
-            for i in b["has_text"].nonzero().squeeze(1).tolist():
-                described.setdefault(texts[b["text_index"][i]], []).append(b["term_codes"][i])
-        for p, e in zip(window, extra[4 * w:4 * w + 4]):
-            # The batch itself is unchanged: its cells, their texts and terms.
-            for key in ("soma_joinid", "text_index", "has_text", "term_codes", "text_aspects"):
-                assert torch.equal(p[key], e[key])
-            own, texts = decode(p), decode(e)
-            assert texts[:len(own)] == own
-            added = texts[len(own):]
-            assert e["extra_index"].tolist() == list(range(len(own), len(texts)))
-            n_extra.append(len(added))
-            # Distinct descriptions the batch lacks, each one another cell of the window got,
-            # with that cell's terms, mentioning its cell type.
-            assert len(set(added)) == len(added) <= 3 and not set(added) & set(own)
-            for t, codes, aspects in zip(added, e["extra_codes"], e["extra_aspects"]):
-                assert t in described and any(torch.equal(codes, c) for c in described[t])
-                assert aspects[ASPECT_ORDER.index("cell_type")]
-    assert max(n_extra) == 3

@@ -209,60 +209,6 @@ def test_balanced_matching_leaves_no_text_a_prior_of_its_own(balance):
         assert grads[:, :4].mean() > 4 * grads[:, 4:].mean()
 
 
-
-class _PairSpy:
-    """A matching head that records the (cell, text) pairs it is asked about; a text row is
-    known by its first token."""
-
-    def __init__(self):
-        self.pairs = []
-
-    def match_logits(self, cell_hidden, cell_mask, text_ids, text_mask, cell_index=None):
-        self.pairs.append((cell_index.clone(), text_ids[:, 0].clone()))
-        return torch.zeros(len(text_ids), 2, requires_grad=True)
-
-
-def test_matching_draws_negative_texts_among_window_descriptions_too_never_true_ones():
-    """Cells of types A, A, B, B; the window adds a description of type C (true of none) and
-    one of type A with its tissue (true of the A cells). Negative texts come from all four
-    descriptions, never one true of the cell; the hard draw favours the most similar."""
-    torch.manual_seed(0)
-    types = torch.tensor([0, 0, 1, 1])
-    true = types[:, None] == types[None, :]                         # batch text rows x cells
-    extra_true = torch.tensor([[False] * 4, [True, True, False, False]])
-    text_ids = torch.arange(4)[:, None].repeat(1, 3)                # rows 0 = A, 1 = B, 2 = C, 3 = A + tissue
-    sim = torch.where(true, 0.8, 0.1)
-    sim_extra = torch.full((4, 2), 0.1)
-    sim_extra[0, 0] = 0.75                                          # cell 0 looks like type C
-    hidden, mask = torch.zeros(4, 3, 8), torch.ones(4, 3, dtype=torch.long)
-    drawn = {c: [] for c in range(4)}
-    for _ in range(300):
-        spy = _PairSpy()
-        cell_text_matching(spy, hidden, mask, text_ids, torch.ones_like(text_ids), types, torch.arange(4), true,
-                           sim, torch.tensor(INIT_SCALE), extra_index=torch.tensor([2, 3]), extra_true=extra_true,
-                           sim_extra=sim_extra)
-        cells, texts = spy.pairs[0]
-        for c, t in zip(cells[4:8].tolist(), texts[4:8].tolist()):
-            drawn[c].append(t)
-    assert set(drawn[1]) == {1, 2} and set(drawn[2]) == set(drawn[3]) == {0, 2, 3}
-    assert np.mean(np.array(drawn[0]) == 2) > 0.95                 # softmax(0.75 x 14.3) against 0.1
-    # Balanced per text, a window description (no cell of the batch matches it) still teaches
-    # the head to reject it: a head that reads only the text is pushed towards "no match" for C.
-    grads = []
-    for _ in range(50):
-        head = _TextPrior(4)
-        cell_text_matching(head, hidden, mask, text_ids, torch.ones_like(text_ids), types, torch.arange(4), true,
-                           sim, torch.tensor(INIT_SCALE), uniform_negatives=1.0, balance_texts=True,
-                           extra_index=torch.tensor([2, 3]), extra_true=extra_true, sim_extra=sim_extra).backward()
-        grads.append(head.bias.grad)
-    grads = torch.stack(grads)
-    assert (grads[:, 2] >= 0).all() and grads[:, 2].mean() > 0.05
-    # Without window descriptions only the batch's own texts are candidates.
-    spy = _PairSpy()
-    cell_text_matching(spy, hidden, mask, text_ids[:2], torch.ones_like(text_ids[:2]), types, torch.arange(4), true,
-                       sim, torch.tensor(INIT_SCALE))
-    assert spy.pairs[0][1][4:8].tolist() == [1, 1, 0, 0]
-
 def _model():
     torch.manual_seed(0)
     cfg = from_dict(ModelConfig, MODEL, "test")

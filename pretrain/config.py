@@ -113,6 +113,8 @@ class StageConfig:
     freeze_text_steps: int = 0
     # Read only cells that have an identity text (cells without one still train in stage 1).
     cells_with_text_only: bool = False
+    # Read only cells of these datasets (meta.json's dataset_id); null = every dataset.
+    datasets: list | None = None
 
 
 @dataclass
@@ -211,6 +213,12 @@ def load_pretrain_config(name_or_path: str | os.PathLike, overrides: dict | None
     cfg = from_dict(PretrainConfig, data, str(path))
     if not 0 <= cfg.seed < 2**63:
         raise LangCellError(f"{path}: seed {cfg.seed} is out of range; use an integer from 0 to 2**63 - 1")
+    for name in ("stage1", "stage2"):
+        datasets = getattr(cfg, name).datasets
+        if datasets is not None and (not isinstance(datasets, list) or not datasets
+                                     or not all(isinstance(d, str) and d for d in datasets)):
+            raise LangCellError(f"{path}: {name}.datasets is {datasets!r}; give a list of dataset ids "
+                                "(meta.json's dataset_id) or null for every dataset")
     if not 0.0 <= cfg.ctm_uniform_negatives <= 1.0:
         raise LangCellError(f"{path}: ctm_uniform_negatives is {cfg.ctm_uniform_negatives}; it is a share, "
                             "set it between 0 and 1")

@@ -155,10 +155,19 @@ def _round_up(value, multiple: int):
     return -(-value // multiple) * multiple
 
 
-def sample_lengths(shards: list, seed: int, max_length: int, require_text: bool = False) -> np.ndarray:
-    """Sorted lengths (cut at max_length) of up to SAMPLE_CELLS cells: the first
-    SAMPLE_CELLS_PER_SHARD cells of each shard, shards in an order drawn with `seed` alone, so
-    every rank and loader worker reads the same sample."""
+def admitted(sample: dict, require_text: bool, datasets: tuple | None) -> bool:
+    """Whether a stage reads this cell: one with identity text where `require_text`, one of
+    `datasets` (meta.json's dataset_id) where given."""
+    if require_text and not json.loads(sample["texts.json"]):
+        return False
+    return datasets is None or json.loads(sample["meta.json"]).get("dataset_id") in datasets
+
+
+def sample_lengths(shards: list, seed: int, max_length: int, require_text: bool = False,
+                   datasets: tuple | None = None) -> np.ndarray:
+    """Sorted lengths (cut at max_length) of up to SAMPLE_CELLS cells the stage reads: the first
+    SAMPLE_CELLS_PER_SHARD such cells of each shard, shards in an order drawn with `seed` alone,
+    so every rank and loader worker reads the same sample."""
     from langcell.pretrain.tar_reader import ShardReader
     lengths: list[int] = []
     for i in np.random.default_rng([seed, 5]).permutation(len(shards)):
@@ -169,7 +178,7 @@ def sample_lengths(shards: list, seed: int, max_length: int, require_text: bool 
                 if got is None:
                     break
                 sample = got[1]
-                if require_text and not json.loads(sample["texts.json"]):
+                if not admitted(sample, require_text, datasets):
                     continue
                 lengths.append(min(len(np.load(io.BytesIO(sample["input_ids.npy"]))), max_length))
                 taken += 1
@@ -179,7 +188,9 @@ def sample_lengths(shards: list, seed: int, max_length: int, require_text: bool 
             break
     if not lengths:
         raise LangCellError(f"{shards[0] if shards else 'shards'}: the library's shards hold no cells"
-                            f"{' with text' if require_text else ''}; use a library that has some")
+                            f"{' with text' if require_text else ''}"
+                            f"{f' of datasets {list(datasets)}' if datasets is not None else ''}; "
+                            "use a library that has some")
     return np.sort(np.array(lengths, dtype=np.int64))
 
 
@@ -225,8 +236,9 @@ class CellStream(torch.utils.data.IterableDataset):
                  shuffle_buffer: int, bucket_batches: int, max_length: int, with_text: bool,
                  tokenizer_path: str | None = None, text_max_length: int = 128, text_choice=None,
                  start_batch: int = 0, pad_multiple: int = 1, open_shards: int = 1, require_text: bool = False,
-                 tokens_per_batch: int | None = None, resume: dict | None = None):
+                 tokens_per_batch: int | None = None, datasets: list | None = None, resume: dict | None = None):
         super().__init__()
+        self.datasets = None if datasets is None else tuple(datasets)
         self.shards = [str(s) for s in shards]
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.shuffle_buffer, self.bucket_batches = batch_size, shuffle_buffer, bucket_batches
@@ -240,7 +252,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self._tokenizer = None
         if resume is not None:
             saved, now = resume["window"]["stream"], self.identity()
-            changed = [f"{k} {_short(saved.get(k))} -> {_short(now[k])}" for k in now if saved.get(k) != now[k]]
+            changed = [f"{k} {_short(k, saved.get(k))} -> {_short(k, now[k])}" for k in now if saved.get(k) != now[k]]
             if changed:
                 raise LangCellError(f"{resume.get('file', 'saved data stream')}: the run's data stream has changed "
                                     f"since ({', '.join(changed)}); resume with the library, data config and "
@@ -253,7 +265,8 @@ class CellStream(torch.utils.data.IterableDataset):
                                     f"max_length {max_length} (contrastive needs 2); set it to at least "
                                     f"{2 * _round_up(max_length, pad_multiple)}")
             # Read once here, so loader workers get it with the dataset instead of each reading it.
-            self.targets = length_targets(sample_lengths(self.shards, seed, max_length, require_text), max_length,
+            self.targets = length_targets(sample_lengths(self.shards, seed, max_length, require_text, self.datasets),
+                                          max_length,
                                           tokens_per_batch, shuffle_buffer, pad_multiple)
 
     def identity(self) -> dict:
@@ -262,6 +275,7 @@ class CellStream(torch.utils.data.IterableDataset):
                 "world": self.world, "seed": self.seed, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer, "bucket_batches": self.bucket_batches,
                 "max_length": self.max_length, "open_shards": self.open_shards, "require_text": self.require_text,
+                "datasets": None if self.datasets is None else list(self.datasets),
                 "tokens_per_batch": self.tokens_per_batch}
 
     def __iter__(self):
@@ -418,8 +432,8 @@ class CellStream(torch.utils.data.IterableDataset):
                 "text_aspects": torch.tensor(mentioned, dtype=torch.bool)}
 
 
-def _short(value) -> str:
-    return f"{len(value)} shards" if isinstance(value, list) else repr(value)
+def _short(key: str, value) -> str:
+    return f"{len(value)} shards" if key == "shards" and isinstance(value, list) else repr(value)
 
 
 def _rng(state: dict) -> np.random.Generator:
@@ -481,6 +495,10 @@ class _SampleSource:
             if not self.readers:
                 if self.kept == 0:  # an endless loop over empty shards would hang every rank
                     first = s.shards[self.mine[0]] if self.mine else "shards"
+                    if s.datasets is not None:
+                        raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells of datasets "
+                                            f"{list(s.datasets)} (the stage's `datasets`); name datasets the "
+                                            "library holds (meta.json's dataset_id) or use fewer ranks")
                     raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells; use fewer ranks or "
                                         "a library with more cells")
                 self._start_epoch(self.epoch + 1)
@@ -496,7 +514,7 @@ class _SampleSource:
                     self.readers.pop(i)
                 continue
             offset, sample = got
-            if s.require_text and not json.loads(sample["texts.json"]):
+            if not admitted(sample, s.require_text, s.datasets):
                 continue
             keep = self.by_shard or self.index % s.world == s.rank
             self.index += 1

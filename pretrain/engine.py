@@ -418,7 +418,7 @@ def training_loader(cfg, model_cfg, stage: int, shards, tokenizer_path: str, ran
                    resume=resume, start_batch=start_batch,
                    pad_multiple=8 if on_gpu else 1,  # multiples of 8 keep GPU tensor cores aligned
                    open_shards=cfg.data.open_shards, require_text=stage_cfg.cells_with_text_only,
-                   tokens_per_batch=cfg.data.tokens_per_batch),
+                   tokens_per_batch=cfg.data.tokens_per_batch, datasets=stage_cfg.datasets),
         batch_size=None, num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None,
         pin_memory=on_gpu)  # page-locked batches make the non-blocking copies to the GPU asynchronous
 

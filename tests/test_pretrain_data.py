@@ -277,3 +277,24 @@ def test_token_budget_refuses_batches_of_one_and_a_buffer_that_keeps_growing(tmp
     with pytest.raises(LangCellError, match=r"^data.shuffle_buffer: rank 0 read 512 cells without finding 32 of "
                                             r"at most 16 tokens"):
         _take(stream, 8)
+
+
+@pytest.mark.parametrize("budget", [None, 128])
+def test_a_stage_can_read_only_some_datasets(tmp_path, budget):
+    lib = write_synthetic_library(tmp_path / "lib", n_cells=64, n_shards=2, vocab_size=600, min_len=12, max_len=20)
+    batches = _take(_stream(lib, datasets=["d1", "d3"], tokens_per_batch=budget, max_length=32,
+                            shuffle_buffer=32 if budget else 16), 24)
+    seen = sum((b["soma_joinid"].tolist() for b in batches), [])
+    # Cells of d1 and d3 only (dataset d{joinid % 4}), every one of them within two epochs' reading.
+    assert seen and all(j % 2 == 1 for j in seen)
+    assert set(seen) == set(range(1, 64, 2))
+    # A saved position is only valid for the datasets it was read with.
+    stream = _stream(lib, datasets=["d1", "d3"], bucket_batches=1)
+    position = {"window": json.loads(_take(stream, 1)[0]["stream_window"]), "consumed": 1}
+    with pytest.raises(LangCellError, match=r"datasets \['d1', 'd3'\] -> None"):
+        _stream(lib, bucket_batches=1, resume=position)
+    # Datasets the library does not hold: a clear error, not an endless search.
+    with pytest.raises(LangCellError, match="got no cells of datasets"):
+        _take(_stream(lib, datasets=["d9"]), 1)
+    with pytest.raises(LangCellError, match="no cells of datasets"):
+        _stream(lib, datasets=["d9"], tokens_per_batch=128, max_length=32, shuffle_buffer=32)

@@ -38,6 +38,17 @@ def test_unknown_config_key(setup):
         pretrain(cfg, lib, tmp / "run", 1)
 
 
+
+def test_stage_datasets_are_checked_and_reach_the_stream(setup):
+    tmp, lib, cfg = setup
+    _edit(cfg, lambda d: d.setdefault("stage1", {}).update(datasets="d1"))
+    with pytest.raises(LangCellError, match="stage1.datasets is 'd1'; give a list of dataset ids"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    _edit(cfg, lambda d: d["stage1"].update(datasets=["d9"]))
+    with pytest.raises(LangCellError, match=r"got no cells of datasets \['d9'\]"):
+        pretrain(cfg, lib, tmp / "run", 1)
+    assert not (tmp / "run" / "stage1" / "done.json").exists()
+
 def test_vocab_size_mismatch(setup):
     tmp, lib, cfg = setup
     _edit(tmp / "model.yaml", lambda d: d["cell"].update(vocab_size=25427))

@@ -265,9 +265,8 @@ class CellStream(torch.utils.data.IterableDataset):
                                     f"max_length {max_length} (contrastive needs 2); set it to at least "
                                     f"{2 * _round_up(max_length, pad_multiple)}")
             # Read once here, so loader workers get it with the dataset instead of each reading it.
-            self.targets = length_targets(sample_lengths(self.shards, seed, max_length, require_text, self.datasets),
-                                          max_length,
-                                          tokens_per_batch, shuffle_buffer, pad_multiple)
+            lengths = sample_lengths(self.shards, seed, max_length, require_text, self.datasets)
+            self.targets = length_targets(lengths, max_length, tokens_per_batch, shuffle_buffer, pad_multiple)
 
     def identity(self) -> dict:
         """What a saved position is only valid for."""

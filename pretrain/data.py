@@ -494,12 +494,10 @@ class _SampleSource:
             if not self.readers:
                 if self.kept == 0:  # an endless loop over empty shards would hang every rank
                     first = s.shards[self.mine[0]] if self.mine else "shards"
-                    if s.datasets is not None:
-                        raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells of datasets "
-                                            f"{list(s.datasets)} (the stage's `datasets`); name datasets the "
-                                            "library holds (meta.json's dataset_id) or use fewer ranks")
-                    raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells; use fewer ranks or "
-                                        "a library with more cells")
+                    wanted = (f" of datasets {list(s.datasets)} (the stage's `datasets`: meta.json's dataset_id)"
+                              if s.datasets is not None else "")
+                    raise LangCellError(f"{first}: rank {s.rank} of {s.world} got no cells{wanted}; use fewer ranks "
+                                        "or a library with more cells")
                 self._start_epoch(self.epoch + 1)
                 continue
             i = int(self.rng.integers(len(self.readers)))

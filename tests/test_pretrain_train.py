@@ -38,7 +38,6 @@ def test_unknown_config_key(setup):
         pretrain(cfg, lib, tmp / "run", 1)
 
 
-
 def test_stage_datasets_are_checked_and_reach_the_stream(setup):
     tmp, lib, cfg = setup
     _edit(cfg, lambda d: d.setdefault("stage1", {}).update(datasets="d1"))
@@ -48,6 +47,7 @@ def test_stage_datasets_are_checked_and_reach_the_stream(setup):
     with pytest.raises(LangCellError, match=r"got no cells of datasets \['d9'\]"):
         pretrain(cfg, lib, tmp / "run", 1)
     assert not (tmp / "run" / "stage1" / "done.json").exists()
+
 
 def test_vocab_size_mismatch(setup):
     tmp, lib, cfg = setup
